@@ -1,0 +1,198 @@
+"""The course website in a real browser.
+
+Headless Chromium (Debian's `chromium` + `chromium-driver`, driven through Selenium) opens the
+site built by `python docs/build.py` from a local http server, with every host name but
+127.0.0.1 unresolvable, and checks that:
+- every page loads without a console error and requests nothing from outside the site;
+- every formula on every page is typeset by the site's own MathJax, without a MathJax error;
+- every figure of the executed notebooks is on its page and loaded;
+- the navigation (sidebar, and the "next" links from the home page on) reaches every notebook
+  of nbs/, in course order.
+It saves screenshots of the home page and of one page per model family to
+docs/_build/screenshots/.
+
+The site is (re)built first when it is missing or older than a notebook, a library module or the
+docs sources (`make docs` normally leaves it fresh). Without chromium the test skips, except
+under CI (`CI=true`) or `DETR_EXPLAINED_REQUIRE_BROWSER=1`, where it fails.
+"""
+import functools, http.server, json, os, shutil, subprocess, sys, threading, time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT/'docs'
+HTML, SRC = DOCS/'_build'/'html', DOCS/'_build'/'src'
+SHOTS = DOCS/'_build'/'screenshots'
+FAMILY_PAGES = {  # screenshot: the explorer page of each family, else its model notebook
+    'detr': ['40_explore_detr', '06_detr', '05_transformer'],
+    'deformable_detr': ['41_explore_deformable', '12_deformable_detr', '11_deformable_transformer', '10_ms_deform_attn'],
+    'dab_detr': ['42_explore_dab', '16_dab_detr', '15_dab_transformer', '14_dab_anchors'],
+}
+IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/svg+xml')
+
+
+def _require_browser() -> bool:
+    return os.environ.get('CI', '').lower() in ('1', 'true') or os.environ.get('DETR_EXPLAINED_REQUIRE_BROWSER') == '1'
+
+def _tool(*names):
+    for n in names:
+        if (p := shutil.which(n)): return p
+    msg = f'{"/".join(names)} not found (apt-get install -y chromium chromium-driver)'
+    if _require_browser(): pytest.fail(msg)
+    pytest.skip(msg)
+
+def course_notebooks() -> list[str]:
+    return [p.stem for p in sorted((ROOT/'nbs').glob('[0-9][0-9]_*.ipynb'), key=lambda p: (int(p.name[:2]), p.name))]
+
+def _stale() -> bool:
+    index = HTML/'index.html'
+    if not index.exists(): return True
+    built = index.stat().st_mtime
+    sources = [*(ROOT/'nbs').glob('*.ipynb'), *(ROOT/'detr_explained').glob('*.py'), DOCS/'conf.py', DOCS/'build.py']
+    return any(p.stat().st_mtime > built for p in sources)
+
+
+@pytest.fixture(scope='module')
+def site():
+    "The built site, served on 127.0.0.1 by a thread of this process; yields its base URL."
+    if _stale():
+        subprocess.run([sys.executable, str(DOCS/'build.py')], check=True, cwd=ROOT, timeout=1500)
+    handler = functools.partial(_QuietHandler, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_port}'
+    server.shutdown(); server.server_close()
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+
+@pytest.fixture(scope='module')
+def browser(tmp_path_factory):
+    chromium, driver_bin = _tool('chromium', 'chromium-browser'), _tool('chromedriver')
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    os.environ.setdefault('SE_AVOID_STATS', 'true')
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+              '--disable-component-update', '--no-first-run', '--disable-sync', '--disable-quic',
+              '--disable-dev-shm-usage', '--window-size=1280,900',
+              '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',  # nothing outside this machine
+              f'--user-data-dir={tmp_path_factory.mktemp("chromium-profile")}']:
+        opts.add_argument(a)
+    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL', 'performance': 'ALL'})
+    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    drv.set_page_load_timeout(60); drv.set_script_timeout(60)
+    yield drv
+    drv.quit()
+
+
+_WAIT_MATHJAX = """
+const done = arguments[arguments.length - 1];
+if (!window.MathJax || !MathJax.startup || !MathJax.startup.promise) { done('no-mathjax'); return; }
+MathJax.startup.promise.then(() => done('ok'), e => done('error: ' + e));
+"""
+
+_PAGE_FACTS = """
+const main = document.querySelector('main') || document.body;
+const maths = [...main.querySelectorAll('.math')];
+const imgs = [...main.querySelectorAll('.cell_output img')];
+return {
+  title: document.title,
+  maths: maths.length,
+  typeset: maths.filter(e => e.querySelector('mjx-container')).length,
+  untypeset: maths.filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.slice(0, 80)).slice(0, 5),
+  math_errors: main.querySelectorAll('mjx-merror, [data-mjx-error]').length,
+  output_imgs: imgs.length,
+  broken_imgs: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+  all_imgs_ok: [...document.images].every(i => i.complete && (i.naturalWidth > 0 || i.src === '')),
+  sidebar: [...document.querySelectorAll('.bd-sidebar-primary nav a.reference.internal')].map(a => a.getAttribute('href')),
+  next: (document.querySelector('a.right-next') || {}).href || null,
+  h1: (main.querySelector('h1') || {}).textContent || null,
+};
+"""
+
+
+def _load(drv, url: str) -> dict:
+    "Open `url`, wait for MathJax, and return the page facts plus its console errors and outside requests."
+    drv.get_log('browser'); drv.get_log('performance')  # drop what earlier pages left
+    drv.get(url)
+    mj = drv.execute_async_script(_WAIT_MATHJAX)
+    time.sleep(0.2)  # let late console messages (failed fonts, images) arrive
+    facts = drv.execute_script(_PAGE_FACTS)
+    facts['mathjax'] = mj
+    facts['console_errors'] = [e['message'] for e in drv.get_log('browser') if e['level'] == 'SEVERE']
+    base = url.split('/')[0] + '//' + url.split('/')[2]
+    outside = []
+    for e in drv.get_log('performance'):
+        msg = json.loads(e['message'])['message']
+        if msg.get('method') == 'Network.requestWillBeSent':
+            u = msg['params']['request']['url']
+            if not (u.startswith(base) or u.startswith(('data:', 'about:', 'blob:'))): outside.append(u)
+    facts['outside_requests'] = outside
+    return facts
+
+def _src_counts(name: str) -> tuple[int, int]:
+    "(image outputs, markdown cells with maths) of a prepared notebook in docs/_build/src."
+    nb = json.loads((SRC/f'{name}.ipynb').read_text())
+    imgs = sum(any(m in o.get('data', {}) for m in IMAGE_MIMES) for c in nb['cells'] if c['cell_type'] == 'code'
+               and 'remove-output' not in c.get('metadata', {}).get('tags', []) for o in c.get('outputs', []))
+    src = lambda c: ''.join(c['source']) if isinstance(c['source'], list) else c['source']
+    maths = sum('$' in src(c) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    return imgs, maths
+
+def _page(name: str) -> str: return 'index.html' if name == course_notebooks()[0] else f'{name}.html'
+
+
+def test_every_page_loads_typesets_and_shows_its_figures(site, browser):
+    problems, summary = [], []
+    for name in course_notebooks():
+        f = _load(browser, f'{site}/{_page(name)}')
+        n_imgs, n_math_cells = _src_counts('index' if _page(name) == 'index.html' else name)
+        summary.append(f'{name}: {f["output_imgs"]} figures, {f["typeset"]}/{f["maths"]} formulas typeset')
+        if f['console_errors']: problems.append(f'{name}: console errors {f["console_errors"]}')
+        if f['outside_requests']: problems.append(f'{name}: requests outside the site {f["outside_requests"]}')
+        if f['mathjax'] != 'ok': problems.append(f'{name}: MathJax {f["mathjax"]}')
+        if f['typeset'] != f['maths']: problems.append(f'{name}: formulas left as TeX {f["untypeset"]}')
+        if f['math_errors']: problems.append(f'{name}: {f["math_errors"]} MathJax errors')
+        if n_math_cells and not f['maths']: problems.append(f'{name}: {n_math_cells} markdown cells with $ but no formula on the page')
+        if f['output_imgs'] != n_imgs: problems.append(f'{name}: {f["output_imgs"]} figures on the page, {n_imgs} in the notebook')
+        if f['broken_imgs'] or not f['all_imgs_ok']: problems.append(f'{name}: images not loaded {f["broken_imgs"]}')
+        if not f['h1']: problems.append(f'{name}: no title')
+    print('\n'.join(summary))
+    assert not problems, '\n'.join(problems)
+
+
+def test_navigation_reaches_every_notebook_in_course_order(site, browser):
+    names = course_notebooks()
+    home = _load(browser, f'{site}/index.html')
+    sidebar = [h.split('#')[0] for h in home['sidebar']]
+    expected = [_page(n) for n in names[1:]]
+    assert [h for h in sidebar if h != 'index.html'] == expected, f'sidebar {sidebar} != course order {expected}'
+    visited, url = [], home['next']
+    while url and len(visited) <= len(names):  # follow "next" from the home page to the last notebook
+        visited.append(url.rsplit('/', 1)[-1])
+        browser.get(url)
+        url = browser.execute_script("return (document.querySelector('a.right-next') || {}).href || null;")
+    assert visited == expected, f'"next" links visit {visited}, course order is {expected}'
+
+
+def test_screenshots_of_home_and_each_family(site, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    names, saved = course_notebooks(), []
+    _load(browser, f'{site}/index.html')
+    browser.save_screenshot(str(SHOTS/'home.png')); saved.append('home.png')
+    for family, candidates in FAMILY_PAGES.items():
+        page = next((c for c in candidates if c in names), None)
+        if page is None: continue  # that family's notebooks are not written yet
+        _load(browser, f'{site}/{_page(page)}')
+        browser.save_screenshot(str(SHOTS/f'{family}_top.png'))
+        if browser.execute_script("""const img = document.querySelector('main .cell_output img');
+            if (!img) return false; img.scrollIntoView({block: 'center'}); return true;"""):
+            time.sleep(0.2)
+            browser.save_screenshot(str(SHOTS/f'{family}_figure.png')); saved.append(f'{family}_figure.png')
+        saved.append(f'{family}_top.png')
+    print('screenshots in', SHOTS, saved)
+    assert all((SHOTS/s).stat().st_size > 10_000 for s in saved)
