@@ -7,11 +7,13 @@ post-processing and the gradients of the total loss are compared with what the o
 computed. Integers compare exactly, floats with small tolerances: float32 rounding differs
 between CPUs (the backbone alone differs by up to ~3e-5 on values up to ~9, see STATUS-A).
 """
+import sys
+
 import pytest
 import torch
 
 from detr_explained.official import (from_official, official_criterion, official_postprocess,
-                                     CheckpointMismatch, FAMILIES)
+                                     CheckpointMismatch, FAMILIES, family_module)
 from detr_explained.criterion import total_loss
 
 ATOL = 1e-4
@@ -187,6 +189,12 @@ def test_rejects_missing_and_extra_keys(fx, args):
         from_official("detr", sd, args)
     with pytest.raises(CheckpointMismatch, match=r"class_embed\.weight: checkpoint \(92, 64\), model \(21, 64\)"):
         from_official("detr", fx["state_dict"], {**args, "dataset_file": "voc"})
+
+
+def test_unavailable_family_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "detr_explained.dab_detr", None)   # cannot be imported
+    with pytest.raises(ImportError, match=r"'dab_detr' is implemented by detr_explained\.dab_detr, which is not in this installation"):
+        family_module("dab_detr")
 
 
 def test_rejects_unknown_family(fx, args):
