@@ -1,0 +1,230 @@
+"""The attention, sampling-point and anchor explorers (nbs/40-42), headless.
+
+Each explorer is built on the official-code fixture weights of its family, its controls are set
+programmatically (`.value`, as a person moving a slider would), and what the figure then shows
+(`explorer.shown`: the selected query's box, the map's argmax, the number of points drawn...) is
+checked against the capture. The captured attention is checked against a recomputation from the
+modules' own weights on the fixture's padded two-image batch, and the hooks are shown to leave
+the model's outputs unchanged. Models also load from a training checkpoint and from an
+official-format checkpoint file.
+"""
+import numpy as np
+import pytest
+import torch
+from matplotlib.backend_bases import MouseEvent
+
+from detr_explained.explore_detr import (AttentionRecorder, DETRExplorer, ExplorerImage, LoadedModel, argmax2d,
+                                         box_to_pixels, decoder_map, detr_attention_modules, encoder_map, load_image,
+                                         load_model, mha_weights_by_hand)
+
+
+def _click(ex, ax, x, y):
+    "Send a left click at data coordinates (x, y) of `ax`, as matplotlib would."
+    ex.fig.canvas.draw()
+    px, py = ax.transData.transform((x, y))
+    ex.fig.canvas.callbacks.process('button_press_event', MouseEvent('button_press_event', ex.fig.canvas, px, py, button=1))
+
+def _batch(fx) -> ExplorerImage:
+    "The fixture's padded two-image batch as an explorer image (image 0 is the one drawn)."
+    x = fx['inputs']['tensors']
+    return ExplorerImage(x, np.zeros((*x.shape[-2:], 3), np.float32), 'fixture', fx['inputs']['mask'])
+
+@pytest.fixture(scope='module')
+def image():
+    return load_image(size=192, max_size=288)
+
+@pytest.fixture(scope='module')
+def models(official_fixture):
+    cache = {}
+    def get(family):
+        if family not in cache: cache[family] = load_model('fixture', family)
+        return cache[family]
+    return get
+
+
+# ------------------------------------------------------------------ DETR
+def test_detr_hooks_capture_per_head_attention_and_change_nothing(models, official_fixture):
+    fx, model = official_fixture('detr'), models('detr').model
+    x, mask = fx['inputs']['tensors'], fx['inputs']['mask']
+    with torch.no_grad():
+        plain = model(x, mask)
+        with AttentionRecorder(detr_attention_modules(model)) as rec: hooked = model(x, mask)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(hooked['pred_boxes'], plain['pred_boxes'], rtol=0, atol=1e-6)
+    torch.testing.assert_close(hooked['pred_boxes'], fx['outputs']['pred_boxes'], rtol=0, atol=1e-4)
+    modules = detr_attention_modules(model)
+    assert set(rec.records) == set(modules) and len(modules) == 4
+    for name, r in rec.records.items():
+        M = modules[name].num_heads
+        assert r['weights'].shape[:2] == (2, M)                         # per head, not averaged
+        torch.testing.assert_close(r['weights'], mha_weights_by_hand(modules[name], r['query'], r['key'], r['key_padding_mask']),
+                                   rtol=0, atol=1e-5)
+        pad = r['key_padding_mask']                                     # (B, HW): image 1 is padded on the right
+        assert pad is not None and pad[1].any()
+        assert r['weights'][1][..., pad[1]].abs().max() == 0            # the padding gets no attention
+
+
+def test_detr_explorer_follows_its_controls(models, image):
+    ex = DETRExplorer(models('detr'), image)
+    H, W = ex.cap.feature_hw
+    for y, x in [(0, 0), (H - 1, W - 2), (H // 2, 1)]:
+        ex.controls['row'].value, ex.controls['col'].value = y, x
+        assert ex.shown['pixel'] == (y, x)
+        expected = encoder_map(ex.cap, ex.value('enc_layer'), y, x)
+        torch.testing.assert_close(ex.shown['enc_map'], expected)
+        assert ex.shown['enc_argmax'] == argmax2d(expected)
+    maps = [ex.shown['enc_map']]
+    ex.controls['enc_layer'].value = 0
+    assert not torch.equal(ex.shown['enc_map'], maps[0])
+    boxes = set()
+    for _, q in ex.controls['query'].options:
+        ex.controls['query'].value = q
+        expected = box_to_pixels(ex.cap.outputs['pred_boxes'][0, q], image.rgb.shape[:2])
+        torch.testing.assert_close(torch.tensor(ex.shown['box']), torch.tensor(expected))
+        assert ex.shown['dec_argmax'] == argmax2d(decoder_map(ex.cap, ex.value('dec_layer'), q))
+        boxes.add(tuple(round(v, 3) for v in ex.shown['box']))
+    assert len(boxes) == len(ex.controls['query'].options)            # every query shows its own box
+    ex.controls['head'].value = 2
+    torch.testing.assert_close(ex.shown['dec_map'], decoder_map(ex.cap, ex.value('dec_layer'), ex.value('query'), 2))
+    assert ex.shown['heads_drawn'] == ex.cap.dec_attn.shape[1]
+    ex.controls['dec_layer'].value = 0
+    aux_box = box_to_pixels(ex.cap.outputs['aux_outputs'][0]['pred_boxes'][0, ex.value('query')], image.rgb.shape[:2])
+    torch.testing.assert_close(torch.tensor(ex.shown['box']), torch.tensor(aux_box))
+    _click(ex, ex.ax_enc, (W - 1.5) * ex.cap.stride, 0.5 * ex.cap.stride)
+    assert ex.shown['pixel'] == (0, W - 2)
+
+
+def test_detr_explorer_takes_any_image(models):
+    for img in [torch.rand(3, 100, 150), (np.random.rand(80, 60, 3) * 255).astype(np.uint8)]:
+        ex = DETRExplorer(models('detr'), img, size=96)
+        assert min(ex.image.rgb.shape[:2]) == 96
+        assert ex.shown['enc_map'].shape == ex.cap.feature_hw
+
+
+# ------------------------------------------------------------------ DAB-DETR
+def test_dab_capture_matches_the_model(models, official_fixture):
+    from detr_explained.dab_transformer import positional_attention, split_heads
+    from detr_explained.explore_dab import capture_dab
+    fx, model = official_fixture('dab_detr'), models('dab_detr').model
+    cap = capture_dab(model, _batch(fx))
+    official_anchors = fx['intermediates']['transformer_out'][1][:, 0]       # (L, Q, 4) anchors entering each layer
+    torch.testing.assert_close(cap.anchors, official_anchors, rtol=0, atol=1e-4)
+    torch.testing.assert_close(cap.outputs['pred_boxes'], fx['outputs']['pred_boxes'], rtol=0, atol=1e-4)
+    dec = model.transformer.decoder
+    for i, (r, layer) in enumerate(zip(cap.records, dec.layers)):
+        full = cap.maps['full'][i][None]
+        out = layer.cross_attn.out_proj((full @ split_heads(r['v'], layer.nhead)).transpose(1, 2).flatten(2))
+        torch.testing.assert_close(out[0], r['output'][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cap.maps['position'][i], positional_attention(layer, r['query_sine_embed'], r['pos'], r['mask'])[0],
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(r['query_sine_embed'][0], dec.positional_queries(r['tgt'], cap.anchors[i][None], i)[1][0],
+                                   rtol=0, atol=1e-5)
+        for kind in ('position', 'content', 'full'):
+            torch.testing.assert_close(cap.maps[kind][i].sum(-1), torch.ones(cap.maps[kind][i].shape[:-1]), rtol=0, atol=1e-5)
+
+
+def test_dab_explorer_follows_its_controls(models, image):
+    from detr_explained.explore_dab import DABExplorer, anchor_track, dab_map
+    ex = DABExplorer(models('dab_detr'), image)
+    cap, hw = ex.cap, image.rgb.shape[:2]
+    L, Q = cap.anchors.shape[:2]
+    seen_anchors, seen_argmax = set(), set()
+    for q in [o[1] for o in ex.controls['query'].options[:6]]:
+        ex.controls['query'].value = q
+        assert len(ex.shown['track']) == L + 1
+        torch.testing.assert_close(torch.tensor(ex.shown['track']), torch.tensor([box_to_pixels(b, hw) for b in anchor_track(cap, q)]))
+        for layer in range(L):
+            ex.controls['layer'].value = layer
+            torch.testing.assert_close(torch.tensor(ex.shown['anchor']), torch.tensor(box_to_pixels(cap.anchors[layer, q], hw)))
+            for kind in ('position', 'content', 'full'):
+                assert ex.shown[f'{kind}_argmax'] == argmax2d(dab_map(cap, kind, layer, q))
+            seen_anchors.add(tuple(round(v, 2) for v in ex.shown['anchor'])); seen_argmax.add(ex.shown['position_argmax'])
+        assert ex.shown['boxes_drawn'] == Q + L + 1
+    assert len(seen_anchors) > 6 and len(seen_argmax) > 1                # the picture really changes
+    ex.controls['head'].value = 1
+    torch.testing.assert_close(ex.shown['position_map'], dab_map(cap, 'position', ex.value('layer'), ex.value('query'), 1))
+    best = ex.controls['query'].options[0][1]
+    ex.controls['query'].value = ex.controls['query'].options[-1][1]
+    cx, cy = (cap.anchors[ex.value('layer'), best, :2] * torch.tensor([hw[1], hw[0]])).tolist()
+    _click(ex, ex.ax_anchor, cx, cy)
+    assert ex.shown['query'] == best
+
+
+# ------------------------------------------------------------------ Deformable DETR
+def test_deformable_capture_matches_the_model(models, official_fixture):
+    from detr_explained.explore_deformable import capture_deformable, deformable_attention_modules
+    from detr_explained.ms_deform_attn import ms_deform_attn_core
+    fx, model = official_fixture('deformable_detr'), models('deformable_detr').model
+    cap = capture_deformable(model, _batch(fx))
+    torch.testing.assert_close(cap.outputs['pred_boxes'], fx['outputs']['pred_boxes'], rtol=0, atol=1e-4)
+    init_ref = fx['intermediates']['transformer_out'][1]                 # (B, Q, 2) official initial reference points
+    ratios_x = cap.records['decoder.0']['reference_points'][..., 0, :] / init_ref     # the decoder scales by valid ratios
+    assert torch.allclose(ratios_x, ratios_x[:, :1], atol=1e-4)
+    for name, m in deformable_attention_modules(model).items():
+        r = cap.records[name]
+        loc, w = m.sample_points(r['query'], r['reference_points'], r['input_spatial_shapes'])
+        torch.testing.assert_close(r['locations'], loc, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r['weights'], w, rtol=0, atol=1e-6)
+        value = m.value_proj(r['input_flatten']).masked_fill(r['input_padding_mask'][..., None], 0.)
+        out = m.output_proj(ms_deform_attn_core(value.view(*value.shape[:2], m.n_heads, -1), r['input_spatial_shapes'],
+                                                r['locations'], r['weights']))
+        torch.testing.assert_close(out, r['output'], rtol=0, atol=1e-5)
+
+
+def test_deformable_explorer_follows_its_controls(models, image):
+    from detr_explained.explore_deformable import DeformableExplorer, encoder_query
+    ex = DeformableExplorer(models('deformable_detr'), image)
+    cap, hw = ex.cap, image.rgb.shape[:2]
+    M, L, P = cap.dec[0]['weights'].shape[1:]
+    assert ex.shown['dec_points'] == M * L * P and ex.shown['level_points'] == [M * P] * L
+    ex.controls['level'].value = L - 1
+    assert ex.shown['dec_points'] == M * P
+    ex.controls['head'].value = 0
+    assert ex.shown['dec_points'] == P and ex.shown['level_points'] == [P] * L
+    ex.controls['level'].value = -1
+    assert ex.shown['dec_points'] == L * P
+    refs = set()
+    for _, q in ex.controls['query'].options:
+        ex.controls['query'].value = q
+        torch.testing.assert_close(torch.tensor(ex.shown['box']), torch.tensor(box_to_pixels(cap.outputs['pred_boxes'][0, q], hw)))
+        refs.add(tuple(round(v, 2) for v in ex.shown['reference']))
+    assert len(refs) == len(ex.controls['query'].options)
+    for level in range(L):
+        ex.controls['enc_level'].value = level
+        H, W = cap.spatial_shapes[level]
+        assert (ex.controls['row'].max, ex.controls['col'].max) == (H - 1, W - 1)
+        ex.controls['row'].value, ex.controls['col'].value = H - 1, 0
+        assert ex.shown['enc_query'] == encoder_query(cap, level, H - 1, 0)
+        ew, eh = cap.extents[level]
+        torch.testing.assert_close(torch.tensor(ex.shown['enc_reference']), torch.tensor([0.5 / W * ew, (H - 0.5) / H * eh]))
+    _click(ex, ex.ax_enc, 0.5 / W * ew, 0.5 / H * eh)
+    assert ex.shown['enc_query'] == encoder_query(cap, L - 1, 0, 0)
+
+
+# ------------------------------------------------------------------ loading from checkpoints
+def test_explorer_on_a_training_checkpoint(tmp_path):
+    from detr_explained.synthetic import make_synthetic
+    from detr_explained.train import Trainer, datasets_from_folder, model_config, train_config
+    data = make_synthetic(tmp_path/'data', n_train=4, n_val=2, size=64)
+    tcfg = train_config('tiny', family='detr')
+    train_ds, _ = datasets_from_folder(data, tcfg)
+    path = Trainer(tcfg, model_config('detr', 'tiny'), train_ds, tmp_path/'run', progress=False).save()
+    lm = load_model(path)
+    assert lm.family == 'detr' and lm.image_size == 64 and not lm.model.training
+    assert set(lm.names.values()) == set(train_ds.names.values())
+    ex = DETRExplorer(lm)                                               # image size from the checkpoint
+    assert min(ex.image.rgb.shape[:2]) == 64
+    assert all(opt[0].split(': ')[1].rsplit(' ', 1)[0] in set(train_ds.names.values()) | {f'class {i}' for i in range(100)}
+               for opt in ex.controls['query'].options)
+    with pytest.raises(ValueError, match='not'):
+        load_model(path, family='dab_detr')
+
+
+def test_explorer_on_an_official_format_checkpoint(tmp_path, official_fixture):
+    fx = official_fixture('dab_detr')
+    path = tmp_path/'dab_checkpoint.pth'
+    torch.save({'model': fx['state_dict'], 'args': fx['config']['args']}, path)
+    lm = load_model(path)
+    assert isinstance(lm, LoadedModel) and lm.family == 'dab_detr'
+    with torch.no_grad(): out = lm.model(fx['inputs']['tensors'], fx['inputs']['mask'])
+    torch.testing.assert_close(out['pred_boxes'], fx['outputs']['pred_boxes'], rtol=0, atol=1e-4)
