@@ -21,8 +21,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/detr-explained demo --out runs/demo
 
-## Every test: the library is in sync with the notebooks, the notebooks run, then pytest.
-test: setup export-check nbtest pytest
+## Every test: the library is in sync with the notebooks, the notebooks run, the site builds, then pytest.
+test: setup export-check nbtest docs pytest
 
 export-check: setup
 	@tmp=$$(mktemp -d); cp -r detr_explained $$tmp/; \
@@ -40,8 +40,12 @@ nbtest-slow: setup
 pytest: setup
 	$(BIN)/python -m pytest -q -rs tests
 
+## The course website: every notebook executed, rendered to docs/_build/html (MathJax served locally).
+docs: setup
+	$(BIN)/python docs/build.py
+
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf runs _proc _docs .pytest_cache
+	rm -rf runs _proc _docs .pytest_cache docs/_build

@@ -11,6 +11,7 @@ official-format checkpoint file.
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib.backend_bases import MouseEvent
 
 from detr_explained.explore_detr import (AttentionRecorder, DETRExplorer, ExplorerImage, LoadedModel, argmax2d,
@@ -160,6 +161,11 @@ def test_deformable_capture_matches_the_model(models, official_fixture):
     init_ref = fx['intermediates']['transformer_out'][1]                 # (B, Q, 2) official initial reference points
     ratios_x = cap.records['decoder.0']['reference_points'][..., 0, :] / init_ref     # the decoder scales by valid ratios
     assert torch.allclose(ratios_x, ratios_x[:, :1], atol=1e-4)
+    from detr_explained.deformable_transformer import get_valid_ratio
+    masks = [F.interpolate(fx['inputs']['mask'][None].float(), size=hw).bool()[0] for hw in cap.spatial_shapes[:3]]
+    ratios = [get_valid_ratio(m)[0] for m in masks]                      # image 0: 96 x 128 in a 112 x 128 batch
+    for (ew, eh), (rx, ry) in zip(cap.extents, ratios):
+        assert abs(ew - 128 / float(rx)) < 1e-4 and abs(eh - 96 / float(ry)) < 1e-4
     for name, m in deformable_attention_modules(model).items():
         r = cap.records[name]
         loc, w = m.sample_points(r['query'], r['reference_points'], r['input_spatial_shapes'])

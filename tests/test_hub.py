@@ -283,3 +283,15 @@ def test_fetch_command(root, srv, capsys, tmp_path):
     assert str(tmp_path/'other'/'checkpoints'/root[1]['training']) in out and 'strict: ok' in out
     assert main_fetch([f"{srv.url}/detr/{root[1]['wrong']}", '--no-progress']) == 1
     assert 'deadbeef' in capsys.readouterr().err
+
+
+def test_concurrent_download_of_the_same_file_is_refused(root, srv, tmp_path):
+    import fcntl
+    name = root[1]['blob']
+    with open(tmp_path/(name + '.part'), 'ab') as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(DownloadError, match='another process'):
+            download(f'{srv.url}/blob/{name}', tmp_path/name, progress=False)
+    assert srv.log == []
+    download(f'{srv.url}/blob/{name}', tmp_path/name, progress=False)     # once the other one is gone
+    assert _files(tmp_path) == [name]

@@ -1,0 +1,161 @@
+"""Multi-scale deformable attention on the CPU: the fast path against the readable reference.
+
+Forward + backward of the sampling core alone and of a whole encoder layer, at the sizes of a
+~512 x 512 image (4 levels 64², 32², 16², 8² -> 5440 tokens, 8 heads, 4 points, d_model 256),
+batch 1 and 2, plus one small problem (a 128-pixel batch of 8, the size of a CPU training
+preset) to show where the fast path stops paying off. Median of repeats, both implementations
+in the same run, interleaved. Writes the "## Deformable attention" section of
+benchmarks/RESULTS.md (other sections are kept).
+
+    python benchmarks/bench_deform_attn.py                 # torch's default threads
+    python benchmarks/bench_deform_attn.py --threads 1 2   # one table per thread count
+"""
+from __future__ import annotations
+import argparse, datetime, math, os, platform, re, statistics, sys, time
+from pathlib import Path
+
+import torch
+
+from detr_explained.core import atomic_write_text
+from detr_explained.ms_deform_attn import MSDA_IMPLS, ms_deform_attn_core, set_ms_deform_attn_impl
+from detr_explained.deformable_transformer import DeformableTransformerEncoderLayer, encoder_reference_points
+
+RESULTS = Path(__file__).resolve().parent / 'RESULTS.md'
+SECTION = '## Deformable attention'
+
+
+def pyramid(image: int, strides=(8, 16, 32, 64)) -> torch.Tensor:
+    return torch.tensor([[math.ceil(image / s)] * 2 for s in strides])
+
+
+def core_inputs(batch: int, shapes: torch.Tensor, heads=8, head_dim=32, points=4, seed=0):
+    "Encoder-like inputs: every token a query at its pixel centre, offsets = the official initial rays + noise."
+    g = torch.Generator().manual_seed(seed)
+    S, L = int(shapes.prod(1).sum()), len(shapes)
+    value = torch.randn(batch, S, heads, head_dim, generator=g)
+    ref = encoder_reference_points(shapes, torch.ones(batch, L, 2))                       # (B, S, L, 2)
+    theta = torch.arange(heads) * 2 * math.pi / heads
+    ray = torch.stack([theta.cos(), theta.sin()], -1)
+    ray = ray / ray.abs().max(-1, keepdim=True).values
+    offsets = ray.view(heads, 1, 1, 2) * torch.arange(1., points + 1).view(1, 1, points, 1)  # (M, 1, P, 2) pixels
+    offsets = offsets + torch.randn(batch, S, heads, L, points, 2, generator=g)
+    loc = ref[:, :, None, :, None] + offsets / shapes.flip(-1)[:, None]                    # (B, S, M, L, P, 2)
+    attn = torch.randn(batch, S, heads, L * points, generator=g).softmax(-1).view(batch, S, heads, L, points)
+    return value, shapes, loc, attn
+
+
+def bench_core(batch, shapes, repeats):
+    value, shapes, loc, attn = core_inputs(batch, shapes)
+    def run(impl):
+        v, l, a = (t.clone().requires_grad_() for t in (value, loc, attn))
+        ms_deform_attn_core(v, shapes, l, a, impl=impl).sum().backward()
+    return interleaved({impl: (lambda impl=impl: run(impl)) for impl in MSDA_IMPLS}, repeats)
+
+
+def bench_layer(batch, shapes, repeats, d_model=256):
+    torch.manual_seed(0)
+    layer = DeformableTransformerEncoderLayer(d_model, 4 * d_model, 0.0, 'relu', len(shapes), 8, 4)
+    with torch.no_grad():                                             # offsets/weights as after some training
+        layer.self_attn.sampling_offsets.weight.normal_(0, 0.02); layer.self_attn.attention_weights.weight.normal_(0, 0.02)
+    S = int(shapes.prod(1).sum())
+    src, pos = torch.randn(batch, S, d_model), torch.randn(batch, S, d_model)
+    ref = encoder_reference_points(shapes, torch.ones(batch, len(shapes), 2))
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    def run(impl):
+        set_ms_deform_attn_impl(layer, impl)
+        x = src.clone().requires_grad_()
+        layer(x, pos, ref, shapes, starts).sum().backward()
+    return interleaved({impl: (lambda impl=impl: run(impl)) for impl in MSDA_IMPLS}, repeats)
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median wall seconds and median process CPU seconds per function, the functions alternating so that load
+    changes hit both alike. With one thread, CPU time is not inflated by other jobs on the machine."""
+    for fn in fns.values(): fn()                                     # warm-up
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time(); fn()
+            wall[k].append(time.perf_counter() - t0); cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
+CASES = [  # (name, what, batch, image size)
+    ('core, 512 px, batch 1', 'core', 1, 512),
+    ('core, 512 px, batch 2', 'core', 2, 512),
+    ('encoder layer, 512 px, batch 1', 'layer', 1, 512),
+    ('encoder layer, 512 px, batch 2', 'layer', 2, 512),
+    ('core, 128 px, batch 8 (small)', 'core', 8, 128),
+]
+
+
+def run_all(threads: int, repeats: int) -> list[tuple]:
+    torch.set_num_threads(threads)
+    rows = []
+    for name, what, batch, image in CASES:
+        shapes = pyramid(image)
+        t = (bench_core if what == 'core' else bench_layer)(batch, shapes, repeats)
+        (rw, rc), (fw, fc) = t['reference'], t['fast']
+        rows.append((name, int(shapes.prod(1).sum()), rw, fw, rw / fw, rc, fc, rc / fc))
+        print(f'[{threads} thread(s)] {name:32s} S={rows[-1][1]:5d}  wall: reference {rw*1e3:7.0f} ms, fast {fw*1e3:7.0f} ms, '
+              f'{rw/fw:.2f}x;  CPU time: {rc*1e3:7.0f} / {fc*1e3:7.0f} ms, {rc/fc:.2f}x', flush=True)
+    return rows
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or 'unknown CPU'
+
+
+def section(tables: dict[int, list[tuple]], repeats: int, command: str, load_before, load_after) -> str:
+    lines = [SECTION, '',
+             'Forward + backward of multi-scale deformable attention: the fast path (`impl="fast"`, the default: '
+             'weighted gathers from a zero-framed canvas with `F.embedding_bag`, hand-written backward) against the '
+             'readable reference (`impl="reference"`: one `F.grid_sample` per level, as the official '
+             '`ms_deform_attn_core_pytorch`). Heads 8, points 4, levels at strides 8/16/32/64; the core has '
+             'head_dim 32 (d_model 256); the encoder layer is a whole `DeformableTransformerEncoderLayer` '
+             '(d_model 256, FFN 1024). Median of the repeats, both implementations interleaved in one run.', '',
+             f'Command: `{command}`  ', f'Date: {datetime.datetime.now().isoformat(timespec="minutes")}; '
+             f'torch {torch.__version__}; {cpu_name()}, {os.cpu_count()} logical CPUs; repeats {repeats}.  ',
+             f'Load average (1/5/15 min) before: {load_before}, after: {load_after}. The machine was shared with other '
+             'jobs, so wall times are noisy; the ratios come from interleaved runs. Process CPU time (all threads) is '
+             'the cleaner measure with one thread; with two threads on an overloaded machine it also counts OpenMP '
+             'threads waiting for each other.', '']
+    for threads, rows in tables.items():
+        lines += [f'### {threads} thread(s)', '',
+                  '| case | tokens S | reference wall (ms) | fast wall (ms) | speed-up (wall) | reference CPU (ms) | fast CPU (ms) | speed-up (CPU) |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|']
+        lines += [f'| {n} | {s} | {rw*1e3:.0f} | {fw*1e3:.0f} | **{rw/fw:.2f}x** | {rc*1e3:.0f} | {fc*1e3:.0f} | {rc/fc:.2f}x |'
+                  for n, s, rw, fw, _, rc, fc, _ in rows]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def write_section(text: str, path: Path = RESULTS):
+    "Replace (or append) the '## Deformable attention' section of RESULTS.md, leaving the other sections alone."
+    old = path.read_text() if path.exists() else '# Benchmarks\n'
+    pattern = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
+    new = pattern.sub(lambda m: text.rstrip() + '\n\n', old) if pattern.search(old) else old.rstrip() + '\n\n' + text.rstrip() + '\n'
+    atomic_write_text(path, new.rstrip() + '\n')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--threads', type=int, nargs='+', default=[torch.get_num_threads()], help='torch thread counts to run')
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--no-write', action='store_true', help=f'print only, do not update {RESULTS.name}')
+    a = p.parse_args(argv)
+    load_before = ' '.join(f'{x:.1f}' for x in os.getloadavg())
+    tables = {t: run_all(t, a.repeats) for t in a.threads}
+    load_after = ' '.join(f'{x:.1f}' for x in os.getloadavg())
+    command = 'python benchmarks/bench_deform_attn.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    text = section(tables, a.repeats, command.strip(), load_before, load_after)
+    print('\n' + text)
+    if not a.no_write: write_section(text); print(f'written to {RESULTS}')
+
+
+if __name__ == '__main__':
+    main()
