@@ -7,11 +7,14 @@ preset) to show where the fast path stops paying off. Median of repeats, both im
 in the same run, interleaved. Writes the "## Deformable attention" section of
 benchmarks/RESULTS.md (other sections are kept).
 
-    python benchmarks/bench_deform_attn.py                 # torch's default threads
-    python benchmarks/bench_deform_attn.py --threads 1 2   # one table per thread count
+    python benchmarks/bench_deform_attn.py                          # 1 and 2 threads, OpenMP wait policy as set
+    python benchmarks/bench_deform_attn.py --wait-policy env passive  # also with OMP_WAIT_POLICY=PASSIVE
+
+Each (wait policy, threads) setting runs in its own child process (OpenMP reads its environment
+once, at start-up).
 """
 from __future__ import annotations
-import argparse, datetime, math, os, platform, re, statistics, sys, time
+import argparse, datetime, json, math, os, platform, re, statistics, subprocess, sys, time
 from pathlib import Path
 
 import torch
@@ -97,9 +100,19 @@ def run_all(threads: int, repeats: int) -> list[tuple]:
         t = (bench_core if what == 'core' else bench_layer)(batch, shapes, repeats)
         (rw, rc), (fw, fc) = t['reference'], t['fast']
         rows.append((name, int(shapes.prod(1).sum()), rw, fw, rw / fw, rc, fc, rc / fc))
-        print(f'[{threads} thread(s)] {name:32s} S={rows[-1][1]:5d}  wall: reference {rw*1e3:7.0f} ms, fast {fw*1e3:7.0f} ms, '
-              f'{rw/fw:.2f}x;  CPU time: {rc*1e3:7.0f} / {fc*1e3:7.0f} ms, {rc/fc:.2f}x', flush=True)
+        print(f'  {name:32s} S={rows[-1][1]:5d}  wall: reference {rw*1e3:7.0f} ms, fast {fw*1e3:7.0f} ms, '
+              f'{rw/fw:.2f}x;  CPU time: {rc*1e3:7.0f} / {fc*1e3:7.0f} ms, {rc/fc:.2f}x', file=sys.stderr, flush=True)
     return rows
+
+
+def run_child(policy: str, threads: int, repeats: int) -> list[tuple]:
+    "Run one setting in a fresh process (the OpenMP wait policy is read at start-up)."
+    env = dict(os.environ)
+    if policy != 'env': env['OMP_WAIT_POLICY'] = policy.upper()
+    print(f'OMP_WAIT_POLICY={env.get("OMP_WAIT_POLICY", "(unset)")}, {threads} thread(s):', file=sys.stderr, flush=True)
+    out = subprocess.run([sys.executable, __file__, '--child', '--threads', str(threads), '--repeats', str(repeats)],
+                         env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return [tuple(r) for r in json.loads(out.strip().splitlines()[-1])]
 
 
 def cpu_name() -> str:
@@ -110,7 +123,7 @@ def cpu_name() -> str:
     return platform.processor() or 'unknown CPU'
 
 
-def section(tables: dict[int, list[tuple]], repeats: int, command: str, load_before, load_after) -> str:
+def section(tables: dict[tuple, list[tuple]], repeats: int, command: str, load_before, load_after) -> str:
     lines = [SECTION, '',
              'Forward + backward of multi-scale deformable attention: the fast path (`impl="fast"`, the default: '
              'weighted gathers from a zero-framed canvas with `F.embedding_bag`, hand-written backward) against the '
@@ -123,9 +136,12 @@ def section(tables: dict[int, list[tuple]], repeats: int, command: str, load_bef
              f'Load average (1/5/15 min) before: {load_before}, after: {load_after}. The machine was shared with other '
              'jobs, so wall times are noisy; the ratios come from interleaved runs. Process CPU time (all threads) is '
              'the cleaner measure with one thread; with two threads on an overloaded machine it also counts OpenMP '
-             'threads waiting for each other.', '']
-    for threads, rows in tables.items():
-        lines += [f'### {threads} thread(s)', '',
+             'threads waiting for each other. With the default (spinning) OpenMP wait policy, two threads on an '
+             'overloaded machine make every parallel op wait for a descheduled partner thread; the fast path has more, '
+             'smaller ops than the reference and suffers more from it. `OMP_WAIT_POLICY=PASSIVE` removes that effect.', '']
+    for (policy, threads), rows in tables.items():
+        wait = os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: spin, then sleep)') if policy == 'env' else policy.upper()
+        lines += [f'### {threads} thread(s), OMP_WAIT_POLICY {wait}', '',
                   '| case | tokens S | reference wall (ms) | fast wall (ms) | speed-up (wall) | reference CPU (ms) | fast CPU (ms) | speed-up (CPU) |',
                   '|---|---:|---:|---:|---:|---:|---:|---:|']
         lines += [f'| {n} | {s} | {rw*1e3:.0f} | {fw*1e3:.0f} | **{rw/fw:.2f}x** | {rc*1e3:.0f} | {fc*1e3:.0f} | {rc/fc:.2f}x |'
@@ -144,12 +160,17 @@ def write_section(text: str, path: Path = RESULTS):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--threads', type=int, nargs='+', default=[torch.get_num_threads()], help='torch thread counts to run')
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='torch thread counts to run')
+    p.add_argument('--wait-policy', nargs='+', default=['env'], choices=['env', 'passive', 'active'],
+                   help="OpenMP wait policy per setting: 'env' = as in the environment")
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--no-write', action='store_true', help=f'print only, do not update {RESULTS.name}')
+    p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(run_all(a.threads[0], a.repeats))); return
     load_before = ' '.join(f'{x:.1f}' for x in os.getloadavg())
-    tables = {t: run_all(t, a.repeats) for t in a.threads}
+    tables = {(pol, t): run_child(pol, t, a.repeats) for pol in a.wait_policy for t in a.threads}
     load_after = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     command = 'python benchmarks/bench_deform_attn.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     text = section(tables, a.repeats, command.strip(), load_before, load_after)

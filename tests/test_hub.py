@@ -246,6 +246,11 @@ def test_weights_only_file_needs_a_configuration(root, detr_fx):
         from_official_checkpoint(path)
     with pytest.raises(ValueError, match="configuration says 'dab_detr' but the weights are 'detr'"):
         from_official_checkpoint(path, family='dab_detr', args=detr_fx['config']['args'])
+    # a preset's flags, overridden field by field by the reader's args
+    args = {k: v for k, v in detr_fx['config']['args'].items() if k != 'dilation'}
+    model = from_official_checkpoint(path, preset='detr-r50-dc5', args=args)
+    assert model.checkpoint_info.args['dilation'] is True and model.checkpoint_info.entry == 'detr-r50-dc5'
+    assert model.checkpoint_info.args['backbone'] == 'resnet18'
 
 
 def test_cached_catalogue_file_is_used_without_network(root, detr_fx):

@@ -18,6 +18,15 @@ from detr_explained.dab_detr import DABDETRConfig, build_model, build_criterion,
 ATOL = 1e-4
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "The fixture was computed with one thread; small models also run faster that way on a busy CPU."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def close(a, b, atol=ATOL, rtol=0.0, what=''):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f'{what}: {m}')
 

@@ -1,0 +1,74 @@
+"""The `detr-explained` console command, run as a user runs it (a subprocess of the installed script)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def exe() -> str:
+    p = Path(sys.executable).with_name('detr-explained')
+    found = str(p) if p.exists() else shutil.which('detr-explained')
+    assert found, "the console script detr-explained is not installed (pip install -e .)"
+    return found
+
+
+def cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([exe(), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_is_quick_and_names_every_command():
+    t0 = time.time()
+    r = cli('--help')
+    assert r.returncode == 0 and time.time() - t0 < 10          # --help imports no torch
+    for word in ('demo', 'make-synthetic', 'train', 'evaluate', 'predict', 'Start here'): assert word in r.stdout
+    for cmd in ('demo', 'make-synthetic', 'train', 'evaluate', 'predict'):
+        r = cli(cmd, '--help')
+        assert r.returncode == 0 and 'usage: detr-explained ' + cmd in r.stdout
+    assert 'Train and evaluate' in cli().stdout                  # no command: the help
+
+
+def test_every_command_end_to_end(tmp_path):
+    r = cli('make-synthetic', '--out', tmp_path / 'syn', '--train', 8, '--val', 4, '--size', 64)
+    assert r.returncode == 0, r.stderr
+    r = cli('train', '--data', tmp_path / 'syn', '--preset', 'tiny', '--epochs', 1, '--out', tmp_path / 'run', '--threads', 1)
+    assert r.returncode == 0, r.stderr
+    assert 'done: epoch 1, 4 steps' in r.stdout and 'val: AP' in r.stdout
+    assert 'epoch 1/1' in r.stderr                               # the progress bar
+    for f in ('checkpoint.pt', 'metrics.jsonl', 'curves.png'): assert (tmp_path / 'run' / f).stat().st_size > 0
+    r = cli('evaluate', '--checkpoint', tmp_path / 'run' / 'checkpoint.pt', '--data', tmp_path / 'syn', '--quiet')
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / 'run' / 'metrics_val.json').read_text())
+    assert set(m['per_class']) == {'ellipse', 'rectangle', 'triangle', 'cross'} and 'AP50' in m
+    assert 'Average Precision' in r.stdout
+    images = sorted((tmp_path / 'syn' / 'images').glob('val_*.png'))[:2]
+    r = cli('predict', '--checkpoint', tmp_path / 'run' / 'checkpoint.pt', *images, '--out', tmp_path / 'pred', '--threshold', 0, '--quiet')
+    assert r.returncode == 0, r.stderr
+    dets = json.loads((tmp_path / 'pred' / 'detections.json').read_text())
+    assert [Path(d['file']).name for d in dets] == [i.name for i in images]
+    assert all((tmp_path / 'pred' / f'{i.stem}.png').exists() for i in images)
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    for args in [('train', '--data', tmp_path / 'missing'),
+                 ('evaluate', '--checkpoint', tmp_path / 'none.pt', '--data', tmp_path),
+                 ('train', '--data', tmp_path, '--set', 'no_such_field=1')]:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert cli('train').returncode == 2                           # argparse: --data is required
+
+
+def test_demo_quick(tmp_path):
+    "The demo's whole path (data, training, evaluation, pictures) with 16 images and 2 steps."
+    r = cli('demo', '--out', tmp_path / 'demo', '--images', 16, '--max-steps', 2, '--quiet')
+    assert r.returncode == 0, r.stderr
+    assert 'AP50' in r.stdout
+    runs = [p for p in (tmp_path / 'demo').iterdir() if p.name != 'data']
+    assert len(runs) == 1
+    for f in ('checkpoint.pt', 'curves.png', 'predictions.png', 'metrics_val.json'): assert (runs[0] / f).exists()
