@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_explained.hub import (CACHE_ENV, OFFICIAL_CHECKPOINTS, CheckpointMismatchError, DownloadError, Fault,
+from detr_explained.hub import (CACHE_ENV, _configuration, OFFICIAL_CHECKPOINTS, CheckpointMismatchError, DownloadError, Fault,
                                 LocalFileServer, UnsafeCheckpointError, cache_dir, checkpoint_contents, download,
                                 family_of_args, family_of_state_dict, from_official_checkpoint, hash_prefix,
                                 load_checkpoint, main_fetch, resolve_checkpoint, sha256_file)
@@ -247,10 +247,14 @@ def test_weights_only_file_needs_a_configuration(root, detr_fx):
     with pytest.raises(ValueError, match="configuration says 'dab_detr' but the weights are 'detr'"):
         from_official_checkpoint(path, family='dab_detr', args=detr_fx['config']['args'])
     # a preset's flags, overridden field by field by the reader's args
-    args = {k: v for k, v in detr_fx['config']['args'].items() if k != 'dilation'}
-    model = from_official_checkpoint(path, preset='detr-r50-dc5', args=args)
-    assert model.checkpoint_info.args['dilation'] is True and model.checkpoint_info.entry == 'detr-r50-dc5'
-    assert model.checkpoint_info.args['backbone'] == 'resnet18'
+    model = from_official_checkpoint(path, preset='detr-r50-dc5', args=detr_fx['config']['args'])
+    assert model.checkpoint_info.entry == 'detr-r50-dc5' and model.checkpoint_info.args['dilation'] is False
+    args = {k: v for k, v in detr_fx['config']['args'].items() if k not in ('backbone', 'dilation')}
+    family, merged = _configuration(detr_fx['state_dict'], None, None, args, OFFICIAL_CHECKPOINTS['detr-r101-dc5'])
+    assert (family, merged['backbone'], merged['dilation'], merged['hidden_dim']) == ('detr', 'resnet101', True, 64)
+    family, merged = _configuration(detr_fx['state_dict'], {'hidden_dim': 64, 'num_queries': 10}, None, {'num_queries': 5},
+                                    OFFICIAL_CHECKPOINTS['detr-r101'])     # a file's own args beat the catalogue
+    assert merged == {'hidden_dim': 64, 'num_queries': 5}
 
 
 def test_cached_catalogue_file_is_used_without_network(root, detr_fx):
