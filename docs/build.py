@@ -3,6 +3,7 @@
     .venv/bin/python docs/build.py                 # execute (cached) + render
     .venv/bin/python docs/build.py --jobs 1        # one notebook at a time
     .venv/bin/python docs/build.py --allow-errors  # render notebooks even where a cell fails
+    .venv/bin/python docs/build.py --reuse         # render the last executed notebooks again (docs work)
 
 Four steps, every one offline once the dev tools are installed:
 
@@ -95,7 +96,9 @@ def library_hash() -> str:
     for p in sorted(LIB.glob('*.py')): h.update(p.name.encode()); h.update(p.read_bytes())
     return h.hexdigest()
 
-def execute_one(src: Path, dst: Path) -> None:
+ERRORS_ALLOWED_EXIT = 3  # execute_one's exit status when cells failed but --allow-errors kept going
+
+def execute_one(src: Path, dst: Path) -> int:
     "Run one notebook as nbdev-test does (in this process) and write it, outputs included, to `dst`."
     from fastcore.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
@@ -110,9 +113,11 @@ def execute_one(src: Path, dst: Path) -> None:
     shell.run_all(nb, exc_stop=not os.environ.get('DOCS_ALLOW_ERRORS'), preproc=skip, cell_timeout=600)
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_nb(nb, dst)
+    errors = any(o.get('output_type') == 'error' for c in nb.cells for o in c.get('outputs', []))
+    return ERRORS_ALLOWED_EXIT if errors else 0
 
 def execute_all(notebooks: list[Path], jobs: int, allow_errors: bool) -> list[Path]:
-    "Execute the notebooks that changed (cache in docs/_build/exec), `jobs` processes at a time."
+    "Execute the notebooks that changed (cache in docs/_build/exec, clean runs only), `jobs` processes at a time."
     EXEC.mkdir(parents=True, exist_ok=True)
     lib = library_hash()
     env = {**os.environ}
@@ -120,14 +125,15 @@ def execute_all(notebooks: list[Path], jobs: int, allow_errors: bool) -> list[Pa
     if allow_errors: env['DOCS_ALLOW_ERRORS'] = '1'
     def run(nb: Path):
         out, stamp = EXEC/nb.name, EXEC/(nb.name + '.sha256')
-        key = hashlib.sha256(nb.read_bytes() + lib.encode() + str(allow_errors).encode()).hexdigest()
+        key = hashlib.sha256(nb.read_bytes() + lib.encode()).hexdigest()
         if out.exists() and stamp.exists() and stamp.read_text() == key: return nb, 'cached', 0.0, ''
+        stamp.unlink(missing_ok=True)
         t0 = time.time()
         r = subprocess.run([sys.executable, __file__, '--execute-one', str(nb), str(out)], env=env,
                            capture_output=True, text=True)
-        if r.returncode == 0: stamp.write_text(key)
-        else: stamp.unlink(missing_ok=True)
-        return nb, ('ok' if r.returncode == 0 else 'FAILED'), time.time() - t0, r.stderr
+        if r.returncode == 0: stamp.write_text(key)   # only a clean run is reused later
+        status = {0: 'ok', ERRORS_ALLOWED_EXIT: 'errors'}.get(r.returncode, 'FAILED')
+        return nb, status, time.time() - t0, r.stderr
     failed = []
     with ThreadPoolExecutor(jobs) as pool:
         for nb, status, dt, err in pool.map(run, notebooks):
@@ -203,14 +209,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--jobs', type=int, default=2, help='notebooks executed at once')
     ap.add_argument('--allow-errors', action='store_true', help='render notebooks whose cells fail')
+    ap.add_argument('--reuse', action='store_true', help='render the notebooks as last executed (docs/_build/exec), stale or not')
     ap.add_argument('--execute-one', nargs=2, metavar=('SRC', 'DST'), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.execute_one: return execute_one(Path(a.execute_one[0]).resolve(), Path(a.execute_one[1]).resolve())
+    if a.execute_one: sys.exit(execute_one(Path(a.execute_one[0]).resolve(), Path(a.execute_one[1]).resolve()))
     t0 = time.time()
     static = stage_mathjax()
     notebooks = course_notebooks()
     print(f'executing {len(notebooks)} notebooks ({a.jobs} at a time)', flush=True)
-    executed = execute_all(notebooks, a.jobs, a.allow_errors)
+    if a.reuse:
+        missing = [nb.name for nb in notebooks if not (EXEC/nb.name).exists()]
+        if missing: sys.exit(f'--reuse: never executed: {missing}')
+        executed = [EXEC/nb.name for nb in notebooks]
+    else: executed = execute_all(notebooks, a.jobs, a.allow_errors)
     prepare_all(executed)
     print('rendering with sphinx', flush=True)
     sphinx(static, a.jobs)
