@@ -205,6 +205,14 @@ def sphinx(static: Path, jobs: int) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+def _lock():
+    "One build at a time in this checkout (a second waits): the builds share docs/_build."
+    import fcntl
+    BUILD.mkdir(parents=True, exist_ok=True)
+    f = open(BUILD/'.lock', 'w')
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--jobs', type=int, default=2, help='notebooks executed at once')
@@ -213,7 +221,7 @@ def main():
     ap.add_argument('--execute-one', nargs=2, metavar=('SRC', 'DST'), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.execute_one: sys.exit(execute_one(Path(a.execute_one[0]).resolve(), Path(a.execute_one[1]).resolve()))
-    t0 = time.time()
+    lock, t0 = _lock(), time.time()
     static = stage_mathjax()
     notebooks = course_notebooks()
     print(f'executing {len(notebooks)} notebooks ({a.jobs} at a time)', flush=True)

@@ -28,6 +28,7 @@ mathjax3_config = {'tex': {'tags': 'none'}, 'chtml': {'displayAlign': 'center'}}
 # ---- theme: sphinx-book-theme (pydata-based), all assets bundled in the package
 html_theme = 'sphinx_book_theme'
 html_title = 'detr_explained'
+html_favicon = 'favicon.svg'    # else the browser asks for /favicon.ico, which is not there
 html_theme_options = {
     'home_page_in_toc': True,
     'show_toc_level': 2,
@@ -36,6 +37,7 @@ html_theme_options = {
     'use_fullscreen_button': False,
     'use_repository_button': False,
 }
+html_context = {'default_mode': 'light'}  # without it pydata's theme script logs an error on a first visit
 html_last_updated_fmt = None
 html_copy_source = False
 html_show_sourcelink = False
