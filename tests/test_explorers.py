@@ -130,7 +130,7 @@ def test_dab_explorer_follows_its_controls(models, image):
     cap, hw = ex.cap, image.rgb.shape[:2]
     L, Q = cap.anchors.shape[:2]
     seen_anchors, seen_argmax = set(), set()
-    for q in [o[1] for o in ex.controls['query'].options[:6]]:
+    for q in [o[1] for o in ex.controls['query'].options[:3]]:
         ex.controls['query'].value = q
         assert len(ex.shown['track']) == L + 1
         torch.testing.assert_close(torch.tensor(ex.shown['track']), torch.tensor([box_to_pixels(b, hw) for b in anchor_track(cap, q)]))
@@ -141,7 +141,7 @@ def test_dab_explorer_follows_its_controls(models, image):
                 assert ex.shown[f'{kind}_argmax'] == argmax2d(dab_map(cap, kind, layer, q))
             seen_anchors.add(tuple(round(v, 2) for v in ex.shown['anchor'])); seen_argmax.add(ex.shown['position_argmax'])
         assert ex.shown['boxes_drawn'] == Q + L + 1
-    assert len(seen_anchors) > 6 and len(seen_argmax) > 1                # the picture really changes
+    assert len(seen_anchors) > 3 and len(seen_argmax) > 1                # the picture really changes
     ex.controls['head'].value = 1
     torch.testing.assert_close(ex.shown['position_map'], dab_map(cap, 'position', ex.value('layer'), ex.value('query'), 1))
     best = ex.controls['query'].options[0][1]

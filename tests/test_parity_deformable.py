@@ -95,6 +95,15 @@ def test_fast_only_grads_requested():
     assert value.grad is not None and loc.grad is None
 
 
+def test_nonfinite_locations_give_nan_like_the_reference():
+    value, shapes, loc, attn = random_inputs(torch.float32, 5)
+    loc[0, 1, 2, 0, 1, 0], loc[1, 2, 0, 1, 0, 1] = float('nan'), float('inf')
+    ref = ms_deform_attn_core(value, shapes, loc, attn, impl='reference')
+    out = ms_deform_attn_core(value, shapes, loc, attn, impl='fast')
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert out[0, 1].isnan().any() and not out[0, 0].isnan().any()
+
+
 def test_module_matches_official(core_fx):
     mf = core_fx['module']
     msda = MSDeformAttn(**{k: mf['config'][k] for k in ('d_model', 'n_levels', 'n_heads', 'n_points')})
