@@ -65,15 +65,15 @@ def few_object_subset(coco_sample: Path, out: Path, n: int) -> Path:
 
 
 def test_overfit_a_few_real_images(coco_sample, tmp_path):
+    "6 real images (8 objects), 128 pixels, a frozen random backbone, 120 steps: memorised to AP50 >= 0.5 (CPU: about a minute)."
     ann = few_object_subset(coco_sample, tmp_path, 6)
     tcfg = train_config('tiny', image_size=128, augment='none', seed=0, checkpoint_every=0, eval_every=0, epoch_checkpoints=False)
     train_ds = CocoDetection(coco_sample / 'images', ann, make_coco_transforms('train', 128, 'none'), remap_categories=True)
-    cfg = model_config('detr', 'tiny', num_classes=train_ds.num_classes, batch_size=6, epochs=300, hidden_dim=64, nheads=4,
-                       dim_feedforward=128, num_queries=8, lr=1e-3, lr_drop=250, eos_coef=0.2)
+    cfg = model_config('detr', 'tiny', num_classes=train_ds.num_classes, batch_size=6, epochs=120, hidden_dim=64, nheads=4,
+                       dim_feedforward=128, num_queries=8, lr=1e-3, lr_drop=100, eos_coef=0.2)
     run = Trainer(tcfg, cfg, train_ds, tmp_path / 'run', progress=False)
-    torch.set_num_threads(max(1, min(2, os.cpu_count())))
     run.fit()
     val_ds = CocoDetection(coco_sample / 'images', ann, make_coco_transforms('val', 128), remap_categories=True)
     m = evaluate_dataset(run.model, run.postprocess, val_ds, progress=False)
-    print({k: round(m[k], 3) for k in ('AP', 'AP50', 'AP75')}, m['per_class'])
+    print({k: round(m[k], 3) for k in ('AP', 'AP50', 'AP75')})
     assert m['AP50'] >= 0.5, m['table']
