@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# On a small, busy CPU, OpenMP threads that spin while waiting for a descheduled partner make
+# every parallel op slow: let them sleep instead.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test export-check nbtest pytest nbtest-slow docs bench clean
 
@@ -32,17 +35,17 @@ export-check: setup
 	rm -rf $$tmp
 
 nbtest: setup
-	$(BIN)/nbdev-test --n-workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
 nbtest-slow: setup
-	$(BIN)/nbdev-test --n-workers 2 --flags slow --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow --timing
 
 pytest: setup
 	$(BIN)/python -m pytest -q -rs tests
 
 ## The course website: every notebook executed, rendered to docs/_build/html (MathJax served locally).
 docs: setup
-	$(BIN)/python docs/build.py
+	OMP_NUM_THREADS=1 $(BIN)/python docs/build.py
 
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
