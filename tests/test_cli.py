@@ -66,7 +66,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
 
 def test_demo_quick(tmp_path):
     "The demo's whole path (data, training, evaluation, pictures) with 16 images and 2 steps."
-    r = cli('demo', '--out', tmp_path / 'demo', '--images', 16, '--max-steps', 2, '--quiet')
+    r = cli('demo', '--out', tmp_path / 'demo', '--images', 16, '--val-images', 8, '--max-steps', 2, '--quiet')
     assert r.returncode == 0, r.stderr
     assert 'AP50' in r.stdout
     runs = [p for p in (tmp_path / 'demo').iterdir() if p.name != 'data']

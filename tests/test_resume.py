@@ -21,7 +21,7 @@ EPOCHS, STEPS_PER_EPOCH = 3, 6          # 12 training images, batch 2 (tiny pres
 
 def train_cmd(data: Path, out: Path, *extra) -> list[str]:
     return [sys.executable, '-c', 'import sys; from detr_explained.cli import main; sys.exit(main(sys.argv[1:]))', 'train', '--data', str(data), '--preset', 'tiny', '--epochs', str(EPOCHS),
-            '--checkpoint-every', '4', '--eval-every', '0', '--out', str(out), '--threads', '1', '--quiet', *extra]
+            '--checkpoint-every', '4', '--eval-every', '0', '--set', 'dropout=0.1', '--out', str(out), '--threads', '1', '--quiet', *extra]
 
 
 def env():
