@@ -20,3 +20,31 @@ def test_coco_subset_bad_argument_is_a_usage_error(capsys):
     except SystemExit as e: assert e.code == 2
     else: raise AssertionError('expected a usage error')
     assert 'test2099' in capsys.readouterr().err
+
+
+def test_evaluate_official_weights(tmp_path, official_fixture, coco_sample, capsys):
+    "`evaluate --official PATH`: an official-layout checkpoint ({'model', 'args'}) evaluated with COCOeval on COCO images."
+    import argparse, json
+    import torch
+    fx = official_fixture('detr')
+    ckpt = tmp_path/'detr-fixture.pth'
+    torch.save({'model': fx['state_dict'], 'args': argparse.Namespace(**fx['config']['args'])}, ckpt)
+    gt = json.loads((coco_sample/'annotations'/'instances_val2017.json').read_text())
+    keep = {im['id'] for im in gt['images'][:2]}
+    sub = {**gt, 'images': [im for im in gt['images'] if im['id'] in keep],
+           'annotations': [a for a in gt['annotations'] if a['image_id'] in keep]}
+    (tmp_path/'data'/'annotations').mkdir(parents=True)
+    (tmp_path/'data'/'annotations'/'instances_val.json').write_text(json.dumps(sub))
+    (tmp_path/'data'/'images').symlink_to(coco_sample/'images')
+    out = tmp_path/'metrics.json'
+    assert main(['evaluate', '--official', str(ckpt), '--data', str(tmp_path/'data'), '--out', str(out), '--quiet']) == 0
+    m = json.loads(out.read_text())
+    assert m['family'] == 'detr' and m['num_images'] == 2 and 0 <= m['AP50'] <= 1
+    assert 'AP50' in capsys.readouterr().out
+
+
+def test_evaluate_needs_exactly_one_model(capsys):
+    try: main(['evaluate', '--data', 'x'])
+    except SystemExit as e: assert e.code == 2
+    else: raise AssertionError('expected a usage error')
+    assert '--checkpoint' in capsys.readouterr().err
