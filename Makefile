@@ -10,7 +10,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # every parallel op slow: let them sleep instead.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test export-check nbtest pytest nbtest-slow docs bench clean
+.PHONY: setup demo test export-check nbtest pytest nbtest-slow docs docs-test lint lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,16 +24,20 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/detr-explained demo --out runs/demo
 
-## Every test: the library is in sync with the notebooks, the notebooks run, the site builds, then pytest.
-test: setup export-check nbtest docs pytest
+## Every test: the library is in sync with the notebooks, every notebook runs once (as nbdev-test runs it,
+## inside the docs build, which renders those executed notebooks), the site builds, then pytest.
+test: setup export-check docs-test pytest
 
+## nbdev-export into a temporary copy of nbs/, pyproject.toml and the library, then diff with the library here:
+## fails when nbdev-export fails or the committed library differs from the notebooks; the working tree is never written.
 export-check: setup
-	@tmp=$$(mktemp -d); cp -r detr_explained $$tmp/; \
-	$(BIN)/nbdev-export; \
-	if diff -r -q -x __pycache__ $$tmp/detr_explained detr_explained; then echo "nbdev-export: detr_explained/ is in sync with nbs/"; \
-	else echo "nbdev-export changed detr_explained/: the library was out of sync with nbs/ (commit the exported files)"; rm -rf $$tmp; exit 1; fi; \
-	rm -rf $$tmp
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cp -r nbs pyproject.toml $$tmp/ && cp -r detr_explained $$tmp/ && rm -rf $$tmp/detr_explained/__pycache__ || exit 1; \
+	if ! (cd $$tmp && $(abspath $(BIN))/nbdev-export); then echo "export-check: nbdev-export failed (see above)" >&2; exit 1; fi; \
+	if diff -r -u -x __pycache__ detr_explained $$tmp/detr_explained >$$tmp/diff; then echo "export-check: detr_explained/ is in sync with nbs/"; \
+	else head -c 20000 $$tmp/diff; echo "export-check: detr_explained/ differs from what nbs/ export (diff above: -committed +exported); run nbdev-export and commit" >&2; exit 1; fi
 
+## Plain nbdev-test (the same cells that `make test` runs in the docs build).
 nbtest: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
@@ -44,8 +48,13 @@ pytest: setup
 	$(BIN)/python -m pytest -q -rs tests
 
 ## The course website: every notebook executed, rendered to docs/_build/html (MathJax served locally).
+## `make docs` re-executes only the notebooks that changed; `make docs-test` (in `make test`) executes them all
+## and fails, naming each notebook that failed, when one does.
 docs: setup
 	OMP_NUM_THREADS=1 $(BIN)/python docs/build.py
+
+docs-test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python docs/build.py --no-cache
 
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

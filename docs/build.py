@@ -4,17 +4,23 @@
     .venv/bin/python docs/build.py --jobs 1        # one notebook at a time
     .venv/bin/python docs/build.py --allow-errors  # render notebooks even where a cell fails
     .venv/bin/python docs/build.py --reuse         # render the last executed notebooks again (docs work)
+    .venv/bin/python docs/build.py --no-cache      # execute every notebook (make test)
 
 Four steps, every one offline once the dev tools are installed:
 
-1. MathJax 3 for the browser, from the npm registry package `mathjax` (pinned below), installed
+1. MathJax 3 for the browser (staged once the notebooks have run, so that a failing notebook is
+   reported first), from the npm registry package `mathjax` (pinned below), installed
    once into docs/_build/vendor/ (reused afterwards; `DETR_EXPLAINED_MATHJAX=/path/to/mathjax`
    points at an existing copy instead). Sphinx serves it from `_static/mathjax/`, so the site
    loads no script, font or style from outside.
-2. Every `nbs/NN_*.ipynb` is executed the way `nbdev-test` runs it (execnb's `CaptureShell`,
-   cwd = nbs/, `IN_TEST=1`, cells flagged `slow`/`notest` skipped), several at once, each in its
-   own process. Results are cached in docs/_build/exec/ under a hash of the notebook, the
-   library and this script, so a rebuild re-executes only what changed.
+2. Every `nbs/NN_*.ipynb` is executed the way `nbdev-test` runs it, with nbdev's own reader and
+   skip rule (execnb's `CaptureShell`, cwd = nbs/, `IN_TEST=1`, cells flagged with `tst_flags`
+   `notest`/`slow` skipped), several at once, each in its own process; each notebook's result
+   is printed, with the traceback of every one that failed, and the build fails if any did.
+   This is the notebook test of `make test` (the notebooks run once, here; `make nbtest` is
+   plain nbdev-test). Results are cached in docs/_build/exec/ under a hash of the notebook, the
+   library and this script, so `make docs` re-executes only what changed; `--no-cache` (as in
+   `make test`) executes every notebook.
 3. The executed notebooks are prepared for Sphinx in docs/_build/src/: nbdev directives become
    MyST-NB cell tags (`#| hide` drops a cell, `#| echo: false` hides its code...), widget views
    (which need a live kernel) are dropped, and the home page (00_index) gets the table of
@@ -23,7 +29,7 @@ Four steps, every one offline once the dev tools are installed:
    docs/_build/src/ into docs/_build/html/.
 """
 from __future__ import annotations
-import argparse, hashlib, json, os, re, shutil, subprocess, sys, time
+import argparse, functools, hashlib, json, os, re, shutil, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +40,12 @@ LIB = ROOT/'detr_explained'
 BUILD = DOCS/'_build'
 EXEC, SRC, HTML, VENDOR = BUILD/'exec', BUILD/'src', BUILD/'html', BUILD/'vendor'
 MATHJAX_NPM = 'mathjax@3.2.2'
-SKIP_FLAGS = {'slow', 'notest'}  # as `tst_flags` in pyproject's [tool.nbdev]: not run by nbdev-test, nor here
+
+@functools.cache
+def skip_flags() -> frozenset[str]:
+    "`tst_flags` of pyproject's [tool.nbdev] (`notest slow`): cells nbdev-test leaves out, and so does the site."
+    from nbdev.config import get_config
+    return frozenset(get_config(ROOT).tst_flags.split())
 
 # Parts of the course, by notebook number: (first, last, caption). Anything else goes under "More".
 PARTS = [(0, 9, 'Foundations and DETR'), (10, 12, 'Deformable DETR'), (13, 18, 'DAB-DETR'),
@@ -97,27 +108,45 @@ def library_hash() -> str:
     return h.hexdigest()
 
 ERRORS_ALLOWED_EXIT = 3  # execute_one's exit status when cells failed but --allow-errors kept going
+FAILED_EXIT = 1
 
 def execute_one(src: Path, dst: Path) -> int:
-    "Run one notebook as nbdev-test does (in this process) and write it, outputs included, to `dst`."
-    from fastcore.nbio import read_nb, write_nb
+    """Run one notebook exactly as `nbdev-test` does and write it, outputs included, to `dst`.
+
+    nbdev's own pieces decide what runs: the notebook is read through `NBProcessor` (directives parsed),
+    cells are skipped by nbdev-test's predicate (`tst_flags` of pyproject's [tool.nbdev], `#| eval: false`,
+    a `skip_exec` front matter), in execnb's `CaptureShell` with cwd = the notebook's folder, `IN_TEST=1`,
+    and nbdev-test's cell timeout. A failing cell stops the notebook and its traceback goes to stderr,
+    as nbdev-test prints it (with DOCS_ALLOW_ERRORS the remaining cells still run)."""
+    from fastcore.nbio import write_nb
     from execnb.shell import CaptureShell
+    from nbdev.config import get_config
+    from nbdev.process import NBProcessor
+    from nbdev.test import _skip_cell   # nbdev-test's own "leave this cell out" predicate
     os.environ['IN_TEST'] = '1'
-    nb = read_nb(src)
-    def skip(cell):
-        if cell.cell_type != 'code': return True
-        d, _ = directives(cell.source)
-        return bool(SKIP_FLAGS & d.keys()) or is_false(d.get('eval'))
-    shell = CaptureShell(src)
+    cfg = get_config(src.parent)
+    nb = NBProcessor(src, rm_directives=False, process=True).nb
+    skip = _skip_cell(nb, skip_flags=sorted(skip_flags()))
+    allow = bool(os.environ.get('DOCS_ALLOW_ERRORS'))
+    shell = CaptureShell(src, profile=bool(cfg.exec_profile))
     os.chdir(src.parent)
-    shell.run_all(nb, exc_stop=not os.environ.get('DOCS_ALLOW_ERRORS'), preproc=skip, cell_timeout=600)
+    try: shell.run_all(nb, exc_stop=not allow, preproc=skip, cell_timeout=600)
+    except Exception:
+        import traceback
+        sys.stderr.write((shell.prettytb(fname=src) or traceback.format_exc()) + '\n')
+        return FAILED_EXIT
+    for c in nb.cells: c.pop('directives_', None)
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_nb(nb, dst)
     errors = any(o.get('output_type') == 'error' for c in nb.cells for o in c.get('outputs', []))
     return ERRORS_ALLOWED_EXIT if errors else 0
 
-def execute_all(notebooks: list[Path], jobs: int, allow_errors: bool) -> list[Path]:
-    "Execute the notebooks that changed (cache in docs/_build/exec, clean runs only), `jobs` processes at a time."
+def execute_all(notebooks: list[Path], jobs: int, allow_errors: bool, cache: bool=True) -> list[Path]:
+    """Execute the notebooks, `jobs` processes at a time, and report each one's result.
+
+    With `cache`, a notebook whose source, library and this script are unchanged since its last clean run is
+    reused from docs/_build/exec (`make docs`); `make test` passes --no-cache, so every notebook runs once.
+    Exits with the list of the notebooks that failed, each one's traceback printed above it."""
     EXEC.mkdir(parents=True, exist_ok=True)
     lib = library_hash()
     env = {**os.environ}
@@ -126,8 +155,8 @@ def execute_all(notebooks: list[Path], jobs: int, allow_errors: bool) -> list[Pa
     def run(nb: Path):
         out, stamp = EXEC/nb.name, EXEC/(nb.name + '.sha256')
         key = hashlib.sha256(nb.read_bytes() + lib.encode()).hexdigest()
-        if out.exists() and stamp.exists() and stamp.read_text() == key: return nb, 'cached', 0.0, ''
-        stamp.unlink(missing_ok=True)
+        if cache and out.exists() and stamp.exists() and stamp.read_text() == key: return nb, 'cached', 0.0, ''
+        stamp.unlink(missing_ok=True); out.unlink(missing_ok=True)  # never render a stale run of a failed notebook
         t0 = time.time()
         r = subprocess.run([sys.executable, __file__, '--execute-one', str(nb), str(out)], env=env,
                            capture_output=True, text=True)
@@ -137,9 +166,11 @@ def execute_all(notebooks: list[Path], jobs: int, allow_errors: bool) -> list[Pa
     failed = []
     with ThreadPoolExecutor(jobs) as pool:
         for nb, status, dt, err in pool.map(run, notebooks):
+            if status == 'FAILED':
+                failed.append(nb)
+                print(f'---- {nb.name} failed:\n{err[-6000:]}', file=sys.stderr, flush=True)
             print(f'  {status:6} {dt:6.1f}s  {nb.name}', flush=True)
-            if status == 'FAILED': failed.append(nb); print(err[-4000:], file=sys.stderr)
-    if failed: sys.exit(f'{len(failed)} notebook(s) failed to execute: {[p.name for p in failed]}')
+    if failed: sys.exit(f'{len(failed)} of {len(notebooks)} notebook(s) failed to execute: {" ".join(p.name for p in failed)}')
     return [EXEC/nb.name for nb in notebooks]
 
 
@@ -155,8 +186,8 @@ def prepare_cell(cell: dict) -> dict|None:
     tags = set(cell.get('metadata', {}).get('tags', []))
     if is_false(d.get('echo')): tags.add('remove-input')
     if is_false(d.get('output')): tags.add('remove-output')
-    if SKIP_FLAGS & d.keys() or is_false(d.get('eval')):
-        body = f'# not run when the docs are built (#| {" ".join(sorted(SKIP_FLAGS & d.keys())) or "eval: false"})\n' + body
+    if (flags := skip_flags() & d.keys()) or is_false(d.get('eval')):
+        body = f'# not run when the docs are built (#| {" ".join(sorted(flags)) or "eval: false"})\n' + body
     cell['source'] = body
     cell['metadata'] = {'tags': sorted(tags)} if tags else {}
     outs = []
@@ -217,19 +248,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--jobs', type=int, default=2, help='notebooks executed at once')
     ap.add_argument('--allow-errors', action='store_true', help='render notebooks whose cells fail')
+    ap.add_argument('--no-cache', action='store_true', help='execute every notebook, even one unchanged since its last clean run')
     ap.add_argument('--reuse', action='store_true', help='render the notebooks as last executed (docs/_build/exec), stale or not')
     ap.add_argument('--execute-one', nargs=2, metavar=('SRC', 'DST'), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.execute_one: sys.exit(execute_one(Path(a.execute_one[0]).resolve(), Path(a.execute_one[1]).resolve()))
     lock, t0 = _lock(), time.time()
-    static = stage_mathjax()
     notebooks = course_notebooks()
     print(f'executing {len(notebooks)} notebooks ({a.jobs} at a time)', flush=True)
     if a.reuse:
         missing = [nb.name for nb in notebooks if not (EXEC/nb.name).exists()]
         if missing: sys.exit(f'--reuse: never executed: {missing}')
         executed = [EXEC/nb.name for nb in notebooks]
-    else: executed = execute_all(notebooks, a.jobs, a.allow_errors)
+    else: executed = execute_all(notebooks, a.jobs, a.allow_errors, cache=not a.no_cache)
+    static = stage_mathjax()   # after the execution: a failing notebook is reported without npm
     prepare_all(executed)
     print('rendering with sphinx', flush=True)
     sphinx(static, a.jobs)
