@@ -44,6 +44,10 @@ nbtest: setup
 nbtest-slow: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow --timing
 
+## Unused imports and lines over 120 characters in the library and the tests (ruff, config in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check detr_explained tests
+
 pytest: setup
 	$(BIN)/python -m pytest -q -rs tests
 
