@@ -4,14 +4,14 @@
 
 # %% ../nbs/20_data.ipynb #7aaa7036
 from __future__ import annotations
-import contextlib, io, json, math, os
+import contextlib, io, json, math, os, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from PIL import Image
+from PIL import Image, ImageOps
 import matplotlib.pyplot as plt
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
@@ -45,17 +45,52 @@ def _check_fields(path, items: list, what: str, fields: Sequence[str]):
         if missing: raise DatasetError(f"{path}: {what}[{i}] (id {it.get('id', '?')}) has no field {missing[0]!r}")
 
 # %% ../nbs/20_data.ipynb #df8559c5
+def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+_FIELD_TYPES = {  # list -> [(field, test, what it must be)], checked where the field is present
+    'images': [('id', _is_int, 'an integer'), ('file_name', lambda v: isinstance(v, str) and v != '', 'a non-empty string'),
+               ('width', lambda v: _is_int(v) and v > 0, 'a positive integer'), ('height', lambda v: _is_int(v) and v > 0, 'a positive integer')],
+    'categories': [('id', _is_int, 'an integer'), ('name', lambda v: isinstance(v, str), 'a string')],
+    'annotations': [('image_id', _is_int, 'an integer'), ('category_id', _is_int, 'an integer'),
+                    ('area', _is_number, 'a finite number'), ('iscrowd', lambda v: v in (0, 1), '0 or 1')],
+}
+
+def _check_types(path, d: dict):
+    for what, checks in _FIELD_TYPES.items():
+        for i, it in enumerate(d[what]):
+            for field, ok, expected in checks:
+                if field in it and not ok(it[field]):
+                    raise DatasetError(f"{path}: {what}[{i}].{field} must be {expected}, got {it[field]!r:.60}")
+
+def _number_annotations(path, anns: list[dict]) -> int:
+    "Renumber the annotation ids 1..N if any would mislead COCOeval (missing, <= 0, not an integer, repeated); how many were."
+    ids, why = [a.get('id') for a in anns], None
+    for i, v in enumerate(ids):
+        if v is None: why = f"annotations[{i}] has no id"
+        elif not _is_int(v) or v <= 0: why = f"annotations[{i}] has id {v!r}"
+        if why: break
+    if why is None and len(set(ids)) < len(ids): why = f"id {next(v for v in ids if ids.count(v) > 1)!r} is repeated"
+    if why is None: return 0
+    for k, a in enumerate(anns, 1):
+        if 'id' in a: a['orig_id'] = a['id']
+        a['id'] = k
+    warnings.warn(f"{path}: annotation ids renumbered 1..{len(anns)} because {why} (COCOeval would evaluate "
+                  "such boxes wrongly); the old ids are kept as 'orig_id'", stacklevel=3)
+    return len(anns)
+
 def _check_annotations(path, d: dict):
     image_ids, cat_ids = {im['id'] for im in d['images']}, {c['id'] for c in d['categories']}
     for i, a in enumerate(d['annotations']):
         where = f"annotations[{i}] (id {a.get('id', '?')}, image_id {a['image_id']})"
         b = a['bbox']
-        _need(isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in b),
+        _need(isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_number(v) for v in b),
               path, f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {b!r:.80}")
         _need(a['image_id'] in image_ids, path, f"{where}: image_id {a['image_id']!r} is not in 'images'")
         _need(a['category_id'] in cat_ids, path,
               f"{where}: category_id {a['category_id']!r} is not in 'categories' (known ids: {sorted(cat_ids)[:20]})")
-        a.setdefault('area', float(b[2] * b[3])); a.setdefault('iscrowd', 0); a.setdefault('id', i + 1)
+        a.setdefault('area', float(b[2] * b[3])); a.setdefault('iscrowd', 0)
+    _number_annotations(path, d['annotations'])
 
 # %% ../nbs/20_data.ipynb #1a941206
 def read_coco_json(path: Path|str) -> dict:
@@ -71,8 +106,11 @@ def read_coco_json(path: Path|str) -> dict:
     _check_fields(path, d['annotations'], 'annotations', ('image_id', 'category_id', 'bbox'))
     _need(len(d['images']) > 0, path, "'images' is empty")
     _need(len(d['categories']) > 0, path, "'categories' is empty")
+    _check_types(path, d)
     ids = [im['id'] for im in d['images']]
     if len(set(ids)) != len(ids): raise DatasetError(f"{path}: duplicate image id {next(i for i in ids if ids.count(i) > 1)!r} in 'images'")
+    cats = [c['id'] for c in d['categories']]
+    if len(set(cats)) != len(cats): raise DatasetError(f"{path}: duplicate category id {next(i for i in cats if cats.count(i) > 1)!r} in 'categories'")
     for c in d['categories']: c.setdefault('name', str(c['id']))
     _check_annotations(path, d)
     return d
@@ -97,16 +135,35 @@ def coco_target(anns: list[dict], # the image's COCO annotations
             'orig_size': torch.tensor([height, width]), 'size': torch.tensor([height, width])}
 
 # %% ../nbs/20_data.ipynb #fef19623
+def _high_depth_to_8bit(img: Image.Image, path) -> Image.Image:
+    "A 16-bit, 32-bit integer or float single-channel image as 8-bit 'L', scaled by its range (refused if ambiguous)."
+    a = np.asarray(img, dtype=np.float64)                                # (H, W)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0., 0.)
+    if img.mode.startswith('I;16'): scale = 1 / 256
+    elif not np.isfinite(a).all(): scale = None
+    elif lo >= 0 and hi <= (1 if img.mode == 'F' else 255): scale = 255 if img.mode == 'F' else 1
+    elif lo >= 0 and hi <= (255 if img.mode == 'F' else 65535): scale = 1 if img.mode == 'F' else 1 / 256
+    else: scale = None
+    if scale is None:
+        raise DatasetError(f"{path}: a {img.mode!r} image with values from {lo:g} to {hi:g}: no known scale to 8 bits "
+                           "(expected 0..1 or 0..255 for floats, 0..255 or 0..65535 for integers); convert it to 8-bit RGB")
+    return Image.fromarray(np.floor(a * scale + 1e-9).clip(0, 255).astype(np.uint8), 'L')
+
 def load_rgb(path: Path|str) -> Image.Image:
-    "Open an image file as RGB; a DatasetError naming the file if it is missing or unreadable."
+    "Open an image file as 8-bit RGB, its EXIF orientation applied; a DatasetError naming the file if it cannot be."
     path = Path(path)
     if not path.is_file(): raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'): img = img.point(lambda v: v / 256).convert('L')
-            return img.convert('RGB')
+            orientation = img.getexif().get(0x0112, 1)                   # EXIF 'Orientation'; 1: as stored
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'): img = _high_depth_to_8bit(img, path)
+            img = img.convert('RGB')
+            img.info['exif_orientation'] = orientation
+            return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if isinstance(e, DatasetError): raise
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/20_data.ipynb #27cb26a1
@@ -229,6 +286,9 @@ def _label_maps(path, cat_ids: list, remap: bool) -> tuple[dict, int]:
     if remap: return {c: i for i, c in enumerate(sorted(cat_ids))}, len(cat_ids)
     bad = [c for c in cat_ids if not isinstance(c, int) or isinstance(c, bool) or c < 0]
     if bad: raise DatasetError(f"{path}: category id {bad[0]!r} is not a non-negative integer; use remap_categories=True (--remap-categories)")
+    if max(cat_ids) + 1 > max(10_000, 10 * len(cat_ids)):   # ids are labels: a classifier with max id + 1 outputs
+        raise DatasetError(f"{path}: category id {max(cat_ids)} would make a classifier with {max(cat_ids) + 1} outputs for "
+                           f"{len(cat_ids)} categories; use remap_categories=True (--remap-categories) to number them 0..{len(cat_ids) - 1}")
     return {c: c for c in cat_ids}, max(cat_ids) + 1
 
 # %% ../nbs/20_data.ipynb #4c878f7c
@@ -273,9 +333,21 @@ def _check_files(self: CocoDetection):
 def load(self: CocoDetection, index: int) -> tuple[Image.Image, dict]:
     "The untransformed image and target (boxes as absolute xyxy BoundingBoxes)."
     image_id = self.ids[index]
-    image = load_rgb(self.image_path(image_id))
+    path = self.image_path(image_id)
+    image = load_rgb(path)
+    self._check_size(image_id, image, path)
     anns = self.coco.imgToAnns.get(image_id, [])
     return image, coco_target(anns, image_id, image.width, image.height, self.cat_to_label)
+
+@patch
+def _check_size(self: CocoDetection, image_id: int, image: Image.Image, path: Path):
+    "The decoded size must be the annotation file's `width` x `height` (where it gives them)."
+    im = self.coco.imgs[image_id]
+    if 'width' not in im or 'height' not in im or image.size == (im['width'], im['height']): return
+    turned = image.info.get('exif_orientation', 1) != 1
+    raise DatasetError(f"{path}: the image is {image.width}x{image.height} pixels" + (" after its EXIF rotation" if turned else "")
+                       + f", but {self.ann_file.name} says {im['width']}x{im['height']} (width x height) for image id {image_id}"
+                       + ("; were the boxes drawn on the unrotated image?" if turned and image.size == (im['height'], im['width']) else ""))
 
 @patch
 def __getitem__(self: CocoDetection, index: int):
