@@ -17,6 +17,7 @@ from detr_explained.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxc
                                     inverse_sigmoid)
 from detr_explained.position_encoding import (PositionEmbeddingLearned, PositionEmbeddingSine,
                                               PositionEmbeddingSineHW, build_position_encoding)
+from parity import close
 
 FEATURE_ATOL = 1e-4
 PREFIX = 'backbone.'
@@ -47,10 +48,10 @@ def test_backbone_and_pos_parity(official_fixture, family):
         features, pos = joiner(fx['inputs']['tensors'], fx['inputs']['mask'])
     ref = fx['intermediates']['backbone']
     assert len(features) == len(ref['features']) == len(pos) == len(ref['pos'])
-    for (f, m), p, rf, rp in zip(features, pos, ref['features'], ref['pos']):
-        assert torch.equal(m, rf['mask'])
-        torch.testing.assert_close(f, rf['tensors'], rtol=0, atol=FEATURE_ATOL)
-        torch.testing.assert_close(p, rp, rtol=0, atol=1e-6)
+    for l, ((f, m), p, rf, rp) in enumerate(zip(features, pos, ref['features'], ref['pos'])):
+        close(f'{family} mask[{l}]', m, rf['mask'])
+        close(f'{family} features[{l}]', f, rf['tensors'], atol=FEATURE_ATOL)
+        close(f'{family} pos[{l}]', p, rp, atol=1e-6)
     official_channels = fx['config']['backbone_num_channels']
     if not isinstance(official_channels, (list, tuple)): official_channels = [official_channels]
     assert joiner.num_channels == list(official_channels)
@@ -62,11 +63,11 @@ def test_pos_parity_from_image_mask(official_fixture, family):
     "The encoding alone, on feature masks recomputed from the image mask (no backbone involved)."
     fx = official_fixture(family)
     pe = _pos_module(family, fx['config']['hidden_dim'])
-    for f, rp in zip(fx['intermediates']['backbone']['features'], fx['intermediates']['backbone']['pos']):
+    for l, (f, rp) in enumerate(zip(fx['intermediates']['backbone']['features'], fx['intermediates']['backbone']['pos'])):
         m = F.interpolate(fx['inputs']['mask'][None].float(), size=f['mask'].shape[-2:]).bool()[0]
-        assert torch.equal(m, f['mask'])
-        assert torch.equal(downsample_mask(fx['inputs']['mask'], f['mask'].shape[-2:]), f['mask'])
-        torch.testing.assert_close(pe(f['tensors'], m), rp, rtol=0, atol=1e-6)
+        close(f'{family} interpolated mask[{l}]', m, f['mask'])
+        close(f'{family} downsample_mask[{l}]', downsample_mask(fx['inputs']['mask'], f['mask'].shape[-2:]), f['mask'])
+        close(f'{family} pos[{l}] from the image mask', pe(f['tensors'], m), rp, atol=1e-6)
 
 
 def _pos_module(family, hidden_dim):
@@ -95,7 +96,7 @@ def test_backbone_check_image(official_dir):
     with torch.no_grad():
         out = bb.body(bb_fx['check']['images'])['0']
     assert out.shape == (1, 512, 4, 4)
-    torch.testing.assert_close(out, bb_fx['check']['layer4'], rtol=0, atol=FEATURE_ATOL)
+    close('resnet18 layer4 on the check images', out, bb_fx['check']['layer4'], atol=FEATURE_ATOL)
 
 
 def test_pad_images_matches_official(official_fixture):

@@ -11,6 +11,7 @@ import torch
 from detr_explained.matcher import HungarianMatcher
 from detr_explained.criterion import (SetCriterion, FocalSetCriterion, DABSetCriterion, PostProcess,
                                       PostProcessTopK, build_set_criterion, total_loss)
+from parity import close
 
 FAMILIES = ['detr', 'deformable_detr', 'dab_detr']
 FLAVOUR = {'detr': SetCriterion, 'deformable_detr': FocalSetCriterion, 'dab_detr': DABSetCriterion}
@@ -38,26 +39,6 @@ def case(request, official_fixture):
     return request.param, fx, criterion_from_args(request.param, fx['config']['args'], fx['config']['num_classes'])
 
 
-def assert_indices_equal(ours, ref):
-    assert len(ours) == len(ref)
-    for (i, j), (ri, rj) in zip(ours, ref):
-        assert i.dtype == torch.int64 and j.dtype == torch.int64
-        assert torch.equal(i, ri) and torch.equal(j, rj), ((i, j), (ri, rj))
-
-
-def assert_costs_close(ours, ref, atol=1e-5):
-    assert len(ours) == len(ref)
-    for c, r in zip(ours, ref):
-        assert c.shape == r.shape
-        torch.testing.assert_close(c, r, rtol=0, atol=atol)
-
-
-def assert_losses_close(ours, ref, rtol=1e-5, atol=1e-6):
-    assert list(ours) == list(ref)                                      # same names, same order
-    for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], rtol=rtol, atol=atol, msg=lambda m: f'{k}: {m}')
-
-
 def test_configuration(case):
     family, fx, crit = case
     assert type(crit) is FLAVOUR[family]
@@ -77,25 +58,25 @@ def test_criterion_state_dict(case):
 
 def test_matcher_last_layer(case):
     family, fx, crit = case
-    assert_indices_equal(crit.matcher(fx['outputs'], fx['targets']), fx['matcher_indices'])
-    assert_costs_close(crit.matcher.costs(fx['outputs'], fx['targets']), fx['matcher_cost'])
+    close(f'{family} indices', crit.matcher(fx['outputs'], fx['targets']), fx['matcher_indices'])   # int64, equal
+    close(f'{family} costs', crit.matcher.costs(fx['outputs'], fx['targets']), fx['matcher_cost'], atol=1e-5)
 
 
 def test_matcher_aux_layers(case):
     family, fx, crit = case
     aux = fx['outputs']['aux_outputs']
     assert len(aux) == len(fx['aux_matcher_indices']) == fx['config']['dec_layers'] - 1
-    for layer, ref_idx, ref_cost in zip(aux, fx['aux_matcher_indices'], fx['aux_matcher_cost']):
-        assert_indices_equal(crit.matcher(layer, fx['targets']), ref_idx)
-        assert_costs_close(crit.matcher.costs(layer, fx['targets']), ref_cost)
+    for l, (layer, ref_idx, ref_cost) in enumerate(zip(aux, fx['aux_matcher_indices'], fx['aux_matcher_cost'])):
+        close(f'{family} aux {l} indices', crit.matcher(layer, fx['targets']), ref_idx)
+        close(f'{family} aux {l} costs', crit.matcher.costs(layer, fx['targets']), ref_cost, atol=1e-5)
 
 
 def test_losses_and_total(case):
     family, fx, crit = case
     losses = crit(fx['outputs'], fx['targets'])
     assert len(losses) == {'detr': 9, 'deformable_detr': 9, 'dab_detr': 19}[family]
-    assert_losses_close(losses, fx['losses'])
-    torch.testing.assert_close(total_loss(losses, crit.weight_dict), fx['loss_total'], rtol=1e-6, atol=1e-6)
+    close(f'{family} losses', losses, fx['losses'], atol=1e-6, rtol=1e-5)    # same names, same order
+    close(f'{family} loss_total', total_loss(losses, crit.weight_dict), fx['loss_total'], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize('extra', ['one_empty', 'all_empty'])
@@ -103,14 +84,15 @@ def test_extra_cases(case, extra):
     family, fx, crit = case
     ex = fx['extra_cases'][extra]
     targets, outputs = ex['targets'], fx['outputs']
-    assert_indices_equal(crit.matcher(outputs, targets), ex['matcher_indices'])
-    assert_costs_close(crit.matcher.costs(outputs, targets), ex['matcher_cost'])
-    for layer, ref_idx, ref_cost in zip(outputs['aux_outputs'], ex['aux_matcher_indices'], ex['aux_matcher_cost']):
-        assert_indices_equal(crit.matcher(layer, targets), ref_idx)
-        assert_costs_close(crit.matcher.costs(layer, targets), ref_cost)
+    what = f'{family} {extra}'
+    close(f'{what} indices', crit.matcher(outputs, targets), ex['matcher_indices'])
+    close(f'{what} costs', crit.matcher.costs(outputs, targets), ex['matcher_cost'], atol=1e-5)
+    for l, (layer, ref_idx, ref_cost) in enumerate(zip(outputs['aux_outputs'], ex['aux_matcher_indices'], ex['aux_matcher_cost'])):
+        close(f'{what} aux {l} indices', crit.matcher(layer, targets), ref_idx)
+        close(f'{what} aux {l} costs', crit.matcher.costs(layer, targets), ref_cost, atol=1e-5)
     losses = crit(outputs, targets)
-    assert_losses_close(losses, ex['losses'])
-    torch.testing.assert_close(total_loss(losses, crit.weight_dict), ex['loss_total'], rtol=1e-6, atol=1e-6)
+    close(f'{what} losses', losses, ex['losses'], atol=1e-6, rtol=1e-5)
+    close(f'{what} loss_total', total_loss(losses, crit.weight_dict), ex['loss_total'], atol=1e-6, rtol=1e-6)
 
 
 def test_postprocess(case):
@@ -118,11 +100,11 @@ def test_postprocess(case):
     post = postprocess_from_args(family, fx['config']['args'])
     results = post(fx['outputs'], fx['inputs']['target_sizes'])
     assert len(results) == len(fx['postprocess'])
-    for r, ref in zip(results, fx['postprocess']):
+    for i, (r, ref) in enumerate(zip(results, fx['postprocess'])):
         assert list(r) == ['scores', 'labels', 'boxes']
         assert torch.equal(r['labels'], ref['labels'])
-        torch.testing.assert_close(r['scores'], ref['scores'], rtol=0, atol=1e-5)
-        torch.testing.assert_close(r['boxes'], ref['boxes'], rtol=1e-5, atol=1e-5)   # absolute pixels, up to ~600
+        close(f'{family} image {i} scores', r['scores'], ref['scores'], atol=1e-5)
+        close(f'{family} image {i} boxes', r['boxes'], ref['boxes'], atol=1e-5, rtol=1e-5)   # absolute pixels, up to ~600
 
 
 def test_matcher_full_batch_equals_official_way(case):
@@ -131,5 +113,5 @@ def test_matcher_full_batch_equals_official_way(case):
     family, fx, crit = case
     m = crit.matcher
     idx, costs = full_batch_match(fx['outputs'], fx['targets'], m.cost_class, m.cost_bbox, m.cost_giou, class_cost=m.class_cost)
-    assert_indices_equal(m(fx['outputs'], fx['targets']), idx)
+    close(f'{family} indices', m(fx['outputs'], fx['targets']), idx)
     for c, r in zip(m.costs(fx['outputs'], fx['targets']), costs): assert torch.equal(c, r)

@@ -14,8 +14,7 @@ import torch
 
 from detr_explained.official import from_official, official_criterion, official_postprocess
 from detr_explained.dab_detr import DABDETRConfig, build_model, build_criterion, build_postprocess, config_from_args, preset
-
-ATOL = 1e-4
+from parity import close
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -25,20 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def close(a, b, atol=ATOL, rtol=0.0, what=''):
-    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f'{what}: {m}')
-
-
-def rel_close(a, b, rtol=1e-3, floor=1e-6, what=''):
-    "|a - b| <= rtol * max|b| + floor, elementwise (losses and gradients accumulate rounding)."
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    assert a.shape == b.shape, f'{what}: shape {tuple(a.shape)} != {tuple(b.shape)}'
-    if b.numel() == 0: return
-    tol = rtol * b.abs().max().item() + floor
-    err = (a - b).abs().max().item()
-    assert err <= tol, f'{what}: max |ours - official| = {err:.3g} > {tol:.3g}'
 
 
 @pytest.fixture(scope='module')
@@ -78,24 +63,24 @@ def test_state_dict_loads_strictly_with_official_keys(fx, run):
 
 def test_outputs(fx, run):
     _, out, _ = run
-    for k in ('pred_logits', 'pred_boxes'): close(out[k], fx['outputs'][k], what=k)
+    for k in ('pred_logits', 'pred_boxes'): close(k, out[k], fx['outputs'][k])
     assert len(out['aux_outputs']) == len(fx['outputs']['aux_outputs']) == 2
     for i, (a, b) in enumerate(zip(out['aux_outputs'], fx['outputs']['aux_outputs'])):
-        for k in ('pred_logits', 'pred_boxes'): close(a[k], b[k], what=f'aux {i} {k}')
+        for k in ('pred_logits', 'pred_boxes'): close(f'aux {i} {k}', a[k], b[k])
 
 
 def test_intermediates(fx, run):
     _, _, cap = run
     ref = fx['intermediates']
     (feat, mask), = cap['backbone'][0]
-    close(feat, ref['backbone']['features'][0]['tensors'], what='backbone features')   # CPU conv rounding ~3e-5 (helper A)
+    close('backbone features', feat, ref['backbone']['features'][0]['tensors'])   # CPU conv rounding ~3e-5 (helper A)
     assert torch.equal(mask, ref['backbone']['features'][0]['mask'])
-    close(cap['backbone'][1][0], ref['backbone']['pos'][0], atol=1e-6, what='positional encoding')
-    close(cap['input_proj'], ref['input_proj'], what='input_proj')
-    close(cap['encoder_memory'], ref['encoder_memory'], what='encoder memory (HW, B, C)')
+    close('positional encoding', cap['backbone'][1][0], ref['backbone']['pos'][0], atol=1e-6)
+    close('input_proj', cap['input_proj'], ref['input_proj'])
+    close('encoder memory (HW, B, C)', cap['encoder_memory'], ref['encoder_memory'])
     hs, references = cap['transformer_out']
-    close(hs, ref['transformer_out'][0], what='hs (L, B, Q, C) after the decoder norm')
-    close(references, ref['transformer_out'][1], what='anchors entering each layer (L, B, Q, 4)')
+    close('hs (L, B, Q, C) after the decoder norm', hs, ref['transformer_out'][0])
+    close('anchors entering each layer (L, B, Q, 4)', references, ref['transformer_out'][1])
 
 
 # ---------------------------------------------------------------- matcher, losses, post-processing
@@ -107,7 +92,7 @@ def _check_matching(criterion, outputs, targets, indices_ref, cost_ref, what):
         assert torch.equal(q, q_ref) and torch.equal(t, t_ref), f'{what} image {i}: indices differ'
         assert q.dtype == torch.int64 and t.dtype == torch.int64
         assert costs[i].shape == cost_ref[i].shape
-        rel_close(costs[i], cost_ref[i], rtol=1e-4, what=f'{what} image {i} cost')
+        close(f'{what} image {i} cost', costs[i], cost_ref[i], atol=1e-6, max_rtol=1e-4)
 
 
 def _check_case(criterion, out, case, what):
@@ -118,9 +103,9 @@ def _check_case(criterion, out, case, what):
         _check_matching(criterion, aux, targets, case['aux_matcher_indices'][l], case['aux_matcher_cost'][l], f'{what} aux {l}')
     losses = criterion(out, targets)
     assert list(losses) == list(case['losses']), f'{what}: loss keys/order differ'
-    for k, v in case['losses'].items(): rel_close(losses[k], v, rtol=1e-4, what=f'{what} {k}')
+    for k, v in case['losses'].items(): close(f'{what} {k}', losses[k], v, atol=1e-6, max_rtol=1e-4)
     total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
-    rel_close(total, case['loss_total'], rtol=1e-4, what=f'{what} loss_total')
+    close(f'{what} loss_total', total, case['loss_total'], atol=1e-6, max_rtol=1e-4)
 
 
 def test_matcher_and_losses(fx, run, criterion):
@@ -147,7 +132,7 @@ def test_postprocess(fx, run):
     assert len(results) == 2
     for i, (ours, ref) in enumerate(zip(results, fx['postprocess'])):
         assert ours['scores'].shape == (300,) and ours['boxes'].shape == (300, 4)
-        close(ours['scores'], ref['scores'], atol=1e-5, what=f'image {i} scores')
+        close(f'image {i} scores', ours['scores'], ref['scores'], atol=1e-5)
         assert torch.equal(ours['labels'], ref['labels']), f'image {i} labels'
         same = (ours['boxes'] - ref['boxes']).abs().amax(1) <= 2e-3            # pixels (images up to 640 wide)
         for k in torch.nonzero(~same).flatten().tolist():
@@ -174,7 +159,7 @@ def test_gradients(fx, grads):
     assert set(fx['grads']) <= set(ours)
     for name, g_ref in fx['grads'].items():
         assert ours[name] is not None, f'{name}: no gradient'
-        rel_close(ours[name], g_ref, rtol=2e-3, floor=1e-6, what=f'grad {name}')
+        close(f'grad {name}', ours[name], g_ref, atol=1e-6, max_rtol=2e-3)
 
 
 def test_gradient_norms(fx, grads):
@@ -182,7 +167,7 @@ def test_gradient_norms(fx, grads):
     aliases = fx['state_dict_aliases']
     norms = {aliases.get(n, n): g.norm() for n, g in grads.items() if g is not None}
     assert set(norms) == set(fx['grad_norms'])
-    for name, ref in fx['grad_norms'].items(): rel_close(norms[name], ref, rtol=2e-3, floor=1e-6, what=f'|grad| {name}')
+    for name, ref in fx['grad_norms'].items(): close(f'|grad| {name}', norms[name], ref, atol=1e-6, max_rtol=2e-3)
 
 
 def test_random_refpoints_xy_are_trained_as_in_the_official_code(fx, grads):
@@ -203,7 +188,7 @@ def test_freeze_refpoints_xy(fx):
     sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
     g = model.refpoint_embed.weight.grad
     assert torch.equal(g[:, :2], torch.zeros_like(g[:, :2])) and g[:, 2:].abs().sum() > 0
-    close(out['pred_boxes'].detach(), fx['outputs']['pred_boxes'], what='freezing changes no value')
+    close('freezing changes no value', out['pred_boxes'].detach(), fx['outputs']['pred_boxes'])
 
 
 # ---------------------------------------------------------------- configurations beyond the fixture
@@ -318,7 +303,7 @@ def test_iter_update_false_keeps_anchors_fixed():
     model.transformer.register_forward_hook(lambda m, i, o: cap.update(refs=o[1]))
     with torch.no_grad(): model(torch.randn(1, 3, 64, 64))
     assert cap['refs'].shape == (1, 1, 5, 4)
-    torch.testing.assert_close(cap['refs'][0, 0], model.refpoint_embed.weight.sigmoid())
+    close('anchors entering layer 0', cap['refs'][0, 0], model.refpoint_embed.weight.sigmoid(), atol=1e-6)
 
 
 def test_presets_and_args():

@@ -15,6 +15,7 @@ from detr_explained.deformable_detr import (VARIANTS, DeformableDETR, Deformable
 from detr_explained.ms_deform_attn import (MSDA_IMPLS, MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_reference,
                                            set_ms_deform_attn_impl)
 from detr_explained.official import from_official, official_criterion, official_postprocess
+from parity import close
 
 GRAD_KEYS = ('grad_value', 'grad_sampling_locations', 'grad_attention_weights')
 
@@ -48,7 +49,7 @@ def test_core_reference_is_bit_exact(core_fx, case_idx):
 def test_core_matches_official(core_fx, case_idx, impl):
     case = core_fx['cases'][case_idx]   # 'random' (some points outside) and 'structured' (borders, pixel centres)
     for got, key in zip(core_with_grads(ms_deform_attn_core, case, impl=impl), ('output',) + GRAD_KEYS):
-        torch.testing.assert_close(got, case[key], atol=1e-5, rtol=1e-5, msg=f"{case['name']} {key}")
+        close(f"{impl} {case['name']} {key}", got, case[key], atol=1e-5, rtol=1e-5)
 
 
 def random_inputs(dtype, seed, N=2, shapes=((6, 8), (3, 4), (2, 2), (1, 1)), Lq=7, M=4, D=8, P=3, lo=-0.4, hi=1.4):
@@ -72,8 +73,7 @@ def test_fast_equals_reference(dtype, tol, seed):
         v, l, a = (t.clone().requires_grad_() for t in (value, loc, attn))
         out = ms_deform_attn_core(v, shapes, l, a, impl=impl)
         results[impl] = (out, *torch.autograd.grad((out * cot).sum(), (v, l, a)))
-    for f, r in zip(results['fast'], results['reference']):
-        torch.testing.assert_close(f, r, atol=tol, rtol=tol)
+    close(f'fast vs reference {dtype} (output, 3 gradients)', results['fast'], results['reference'], atol=tol, rtol=tol)
 
 
 def test_fast_gradcheck():
@@ -100,7 +100,7 @@ def test_nonfinite_locations_give_nan_like_the_reference():
     loc[0, 1, 2, 0, 1, 0], loc[1, 2, 0, 1, 0, 1] = float('nan'), float('inf')
     ref = ms_deform_attn_core(value, shapes, loc, attn, impl='reference')
     out = ms_deform_attn_core(value, shapes, loc, attn, impl='fast')
-    torch.testing.assert_close(out, ref, equal_nan=True)
+    close('non-finite locations', out, ref, atol=1e-5, rtol=1.3e-6, equal_nan=True)
     assert out[0, 1].isnan().any() and not out[0, 0].isnan().any()
 
 
@@ -114,9 +114,12 @@ def test_module_matches_official(core_fx):
     rest = (i['input_flatten'], i['input_spatial_shapes'], i['input_level_start_index'])
     for impl in MSDA_IMPLS:
         msda.impl = impl
-        torch.testing.assert_close(msda(i['query'], i['reference_points_2d'], *rest, i['input_padding_mask']), mf['output_ref2d'], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(msda(i['query'], i['reference_points_4d'], *rest, i['input_padding_mask']), mf['output_ref4d'], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(msda(i['query'], i['reference_points_2d'], *rest), mf['output_ref2d_no_padding_mask'], atol=1e-5, rtol=1e-5)
+        close(f'{impl} 2-d reference points', msda(i['query'], i['reference_points_2d'], *rest, i['input_padding_mask']),
+              mf['output_ref2d'], atol=1e-5, rtol=1e-5)
+        close(f'{impl} 4-d reference boxes', msda(i['query'], i['reference_points_4d'], *rest, i['input_padding_mask']),
+              mf['output_ref4d'], atol=1e-5, rtol=1e-5)
+        close(f'{impl} no padding mask', msda(i['query'], i['reference_points_2d'], *rest),
+              mf['output_ref2d_no_padding_mask'], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the model
@@ -157,29 +160,28 @@ def test_state_dict_keys_are_official(fx, run):
 
 def test_outputs(fx, run):
     out, ref = run[1], fx['outputs']
-    for k in ('pred_logits', 'pred_boxes'):
-        torch.testing.assert_close(out[k], ref[k], atol=1e-4, rtol=0)
+    for k in ('pred_logits', 'pred_boxes'): close(k, out[k], ref[k], atol=1e-4)
     assert len(out['aux_outputs']) == len(ref['aux_outputs'])
-    for a, r in zip(out['aux_outputs'], ref['aux_outputs']):
-        for k in ('pred_logits', 'pred_boxes'): torch.testing.assert_close(a[k], r[k], atol=1e-4, rtol=0)
+    for i, (a, r) in enumerate(zip(out['aux_outputs'], ref['aux_outputs'])):
+        for k in ('pred_logits', 'pred_boxes'): close(f'aux_outputs[{i}].{k}', a[k], r[k], atol=1e-4)
 
 
 def test_intermediates(fx, run):
     im, cap = fx['intermediates'], run[2]
     features, pos = cap['backbone']
-    for (f, m), p, rf, rp in zip(features, pos, im['backbone']['features'], im['backbone']['pos']):
-        assert torch.equal(m, rf['mask'])
-        torch.testing.assert_close(f, rf['tensors'], atol=1e-4, rtol=0)
-        torch.testing.assert_close(p, rp, atol=1e-5, rtol=0)
+    for l, ((f, m), p, rf, rp) in enumerate(zip(features, pos, im['backbone']['features'], im['backbone']['pos'])):
+        close(f'backbone mask[{l}]', m, rf['mask'])
+        close(f'backbone features[{l}]', f, rf['tensors'], atol=1e-4)
+        close(f'backbone pos[{l}]', p, rp, atol=1e-5)
     assert len(im['input_proj']) == 4
     for l, ref in enumerate(im['input_proj']):
-        torch.testing.assert_close(cap[f'proj{l}'], ref, atol=1e-4, rtol=0)
-    torch.testing.assert_close(cap['memory'], im['encoder_memory'], atol=1e-4, rtol=0)
+        close(f'input_proj[{l}]', cap[f'proj{l}'], ref, atol=1e-4)
+    close('encoder memory', cap['memory'], im['encoder_memory'], atol=1e-4)
     hs, init_ref, inter_refs, enc_class, enc_coord = cap['transformer']
     ref = im['transformer_out']
-    torch.testing.assert_close(hs, ref[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(init_ref, ref[1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(inter_refs, ref[2], atol=1e-4, rtol=0)
+    close('hs', hs, ref[0], atol=1e-4)
+    close('init_reference', init_ref, ref[1], atol=1e-4)
+    close('inter_references', inter_refs, ref[2], atol=1e-4)
     assert enc_class is None and enc_coord is None and ref[3] is None and ref[4] is None
 
 
@@ -190,16 +192,13 @@ def test_transformer_on_official_inputs(fx, run):
     masks = [f['mask'] for f in im['backbone']['features']] + [downsample_mask(fx['inputs']['mask'], srcs[3].shape[-2:])]
     pos = list(im['backbone']['pos']) + [model.backbone[1](srcs[3], masks[3])]
     with torch.no_grad(): hs, init_ref, inter_refs, _, _ = model.transformer(srcs, masks, pos, model.query_embed.weight)
-    torch.testing.assert_close(hs, im['transformer_out'][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(inter_refs, im['transformer_out'][2], atol=1e-6, rtol=0)
+    close('hs from the official projected maps', hs, im['transformer_out'][0], atol=1e-5)
+    close('inter_references from the official projected maps', inter_refs, im['transformer_out'][2], atol=1e-6)
 
 
-def check_matching(criterion, outputs, targets, indices, costs):
-    got = criterion.matcher(outputs, targets)
-    for (q, t), (rq, rt) in zip(got, indices):
-        assert torch.equal(q, rq) and torch.equal(t, rt)
-    for c, rc in zip(criterion.matcher.costs(outputs, targets), costs):
-        torch.testing.assert_close(c, rc, atol=1e-4, rtol=1e-5)
+def check_matching(what, criterion, outputs, targets, indices, costs):
+    close(f'{what} indices', criterion.matcher(outputs, targets), indices)
+    close(f'{what} costs', criterion.matcher.costs(outputs, targets), costs, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize('case', ['main', 'one_empty', 'all_empty'])
@@ -208,25 +207,24 @@ def test_matcher_losses_total(fx, run, case):
     data = fx if case == 'main' else fx['extra_cases'][case]
     targets = fx['targets'] if case == 'main' else data['targets']
     criterion = official_criterion('deformable_detr', fx['config']['args'])
-    check_matching(criterion, out, targets, data['matcher_indices'], data['matcher_cost'])
-    for aux, idx, cost in zip(out['aux_outputs'], data['aux_matcher_indices'], data['aux_matcher_cost']):
-        check_matching(criterion, aux, targets, idx, cost)
+    check_matching(case, criterion, out, targets, data['matcher_indices'], data['matcher_cost'])
+    for l, (aux, idx, cost) in enumerate(zip(out['aux_outputs'], data['aux_matcher_indices'], data['aux_matcher_cost'])):
+        check_matching(f'{case} aux {l}', criterion, aux, targets, idx, cost)
     losses = criterion(out, targets)
     assert set(losses) == set(data['losses'])
-    for k, v in data['losses'].items():
-        torch.testing.assert_close(losses[k], v, atol=1e-4, rtol=1e-4, msg=k)
-    torch.testing.assert_close(total_loss(losses, criterion.weight_dict), data['loss_total'], atol=1e-4, rtol=1e-4)
+    for k, v in data['losses'].items(): close(f'{case} {k}', losses[k], v, atol=1e-4, rtol=1e-4)
+    close(f'{case} loss_total', total_loss(losses, criterion.weight_dict), data['loss_total'], atol=1e-4, rtol=1e-4)
 
 
 def test_weight_dict_and_postprocess(fx, run):
     args = fx['config']['args']
     assert official_criterion('deformable_detr', args).weight_dict == fx['config']['weight_dict']
     results = official_postprocess('deformable_detr', args)(run[1], fx['inputs']['target_sizes'])
-    for r, ref in zip(results, fx['postprocess']):
-        assert torch.equal(r['labels'], ref['labels'])
-        torch.testing.assert_close(r['scores'], ref['scores'], atol=1e-5, rtol=0)
+    for i, (r, ref) in enumerate(zip(results, fx['postprocess'])):
+        close(f'image {i} labels', r['labels'], ref['labels'])
+        close(f'image {i} scores', r['scores'], ref['scores'], atol=1e-5)
         scale = fx['inputs']['target_sizes'].max().item()               # boxes are in pixels
-        torch.testing.assert_close(r['boxes'], ref['boxes'], atol=1e-4 * scale, rtol=0)
+        close(f'image {i} boxes', r['boxes'], ref['boxes'], atol=1e-4 * scale)
 
 
 def backward_total(fx, model):
@@ -246,7 +244,7 @@ def test_gradients_on_official_backbone_features(fx, impl):
     bb = fx['intermediates']['backbone']
     model.backbone.forward = lambda tensors, mask: ([(f['tensors'], f['mask']) for f in bb['features']], list(bb['pos']))
     loss = backward_total(fx, model)
-    torch.testing.assert_close(loss, fx['loss_total'], atol=1e-5, rtol=1e-5)
+    close(f'{impl} loss_total', loss, fx['loss_total'], atol=1e-5, rtol=1e-5)
     assert len(fx['grads']) == 88
     for k, g in fx['grads'].items():
         assert rel(model.get_parameter(k).grad, g) < 1e-4, k
@@ -325,7 +323,7 @@ def test_heads_shared_or_copied(variant_models):
     assert two.query_embed is None and not hasattr(two.transformer, 'reference_points')
     # official init: class bias = prior 0.01; box heads' last layer zero; size bias -2 (first head only with refinement; 0 with two-stage)
     for m in variant_models.values():
-        torch.testing.assert_close(m.class_embed[0].bias.detach().sigmoid(), torch.full((5,), 0.01))
+        close('prior probability of the class bias', m.class_embed[0].bias.sigmoid(), torch.full((5,), 0.01), atol=1e-6)
     assert refine.bbox_embed[0].layers[-1].bias.detach().tolist() == [0, 0, -2, -2]
     assert refine.bbox_embed[1].layers[-1].bias.detach().tolist() == [0, 0, 0, 0]
     assert all(b.layers[-1].bias.detach().abs().sum() == 0 and b.layers[-1].weight.detach().abs().sum() == 0 for b in two.bbox_embed)

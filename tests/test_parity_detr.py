@@ -15,17 +15,7 @@ import torch
 from detr_explained.official import (from_official, official_criterion, official_postprocess,
                                      CheckpointMismatch, FAMILIES, family_module)
 from detr_explained.criterion import total_loss
-
-ATOL = 1e-4
-
-
-def max_abs(a, b):
-    return (a.detach().float() - b.float()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_close(name, a, b, atol=ATOL, rtol=0.0):
-    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    torch.testing.assert_close(a.detach().float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+from parity import close
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +59,12 @@ def test_outputs(fx, run):
     _, out, _ = run
     ref = fx["outputs"]
     assert sorted(out) == sorted(ref)
-    assert_close("pred_logits", out["pred_logits"], ref["pred_logits"])
-    assert_close("pred_boxes", out["pred_boxes"], ref["pred_boxes"])
+    close("pred_logits", out["pred_logits"], ref["pred_logits"])
+    close("pred_boxes", out["pred_boxes"], ref["pred_boxes"])
     assert len(out["aux_outputs"]) == len(ref["aux_outputs"]) == fx["config"]["args"]["dec_layers"] - 1
     for i, (a, b) in enumerate(zip(out["aux_outputs"], ref["aux_outputs"])):
         assert sorted(a) == sorted(b)
-        for k in b: assert_close(f"aux_outputs[{i}].{k}", a[k], b[k])
+        for k in b: close(f"aux_outputs[{i}].{k}", a[k], b[k])
 
 
 def test_intermediates(fx, run):
@@ -83,15 +73,15 @@ def test_intermediates(fx, run):
     features, pos = cap["backbone"]
     assert len(features) == len(ref["backbone"]["features"]) == 1
     for l, ((feat, mask), r) in enumerate(zip(features, ref["backbone"]["features"])):
-        assert_close(f"backbone features[{l}]", feat, r["tensors"])
+        close(f"backbone features[{l}]", feat, r["tensors"])
         assert mask.dtype == torch.bool and torch.equal(mask, r["mask"]), f"feature mask [{l}]"
     for l, (p, r) in enumerate(zip(pos, ref["backbone"]["pos"])):
-        assert_close(f"backbone pos[{l}]", p, r)
-    assert_close("input_proj", cap["input_proj"], ref["input_proj"])
-    assert_close("encoder_memory (HW, B, C)", cap["encoder_memory"], ref["encoder_memory"])
+        close(f"backbone pos[{l}]", p, r)
+    close("input_proj", cap["input_proj"], ref["input_proj"])
+    close("encoder_memory (HW, B, C)", cap["encoder_memory"], ref["encoder_memory"])
     hs, memory = cap["transformer_out"]
-    assert_close("transformer hs (L, B, Q, C)", hs, ref["transformer_out"][0])
-    assert_close("transformer memory (B, C, H, W)", memory, ref["transformer_out"][1])
+    close("transformer hs (L, B, Q, C)", hs, ref["transformer_out"][0])
+    close("transformer memory (B, C, H, W)", memory, ref["transformer_out"][1])
 
 
 def test_trainable_parameters_as_official(fx, run):
@@ -121,11 +111,11 @@ def test_matcher(fx, run, criterion, case):
     matcher = criterion.matcher
     _indices_equal(matcher(_main(out), targets), ref["matcher_indices"], f"{case} matcher_indices")
     for c, rc in zip(matcher.costs(_main(out), targets), ref["matcher_cost"]):
-        assert_close(f"{case} matcher_cost", c, rc)
+        close(f"{case} matcher_cost", c, rc)
     for l, aux in enumerate(out["aux_outputs"]):
         _indices_equal(matcher(aux, targets), ref["aux_matcher_indices"][l], f"{case} aux_matcher_indices[{l}]")
         for c, rc in zip(matcher.costs(aux, targets), ref["aux_matcher_cost"][l]):
-            assert_close(f"{case} aux_matcher_cost[{l}]", c, rc)
+            close(f"{case} aux_matcher_cost[{l}]", c, rc)
 
 
 @pytest.mark.parametrize("case", ["main", "one_empty", "all_empty"])
@@ -136,8 +126,8 @@ def test_losses(fx, run, criterion, case):
     losses = criterion(out, targets)
     assert list(losses) == list(ref["losses"]), "loss names and order"
     for k, v in ref["losses"].items():
-        assert_close(f"{case} {k}", losses[k], v, atol=1e-5, rtol=1e-4)
-    assert_close(f"{case} loss_total", total_loss(losses, criterion.weight_dict), ref["loss_total"], atol=1e-5, rtol=1e-4)
+        close(f"{case} {k}", losses[k], v, atol=1e-5, rtol=1e-4)
+    close(f"{case} loss_total", total_loss(losses, criterion.weight_dict), ref["loss_total"], atol=1e-5, rtol=1e-4)
 
 
 def test_criterion_state(fx, criterion, args):
@@ -154,8 +144,8 @@ def test_postprocess(fx, run, args):
     for i, (r, ref) in enumerate(zip(results, fx["postprocess"])):
         assert sorted(r) == sorted(ref)
         assert torch.equal(r["labels"], ref["labels"]), f"postprocess[{i}] labels"
-        assert_close(f"postprocess[{i}] scores", r["scores"], ref["scores"], atol=1e-5, rtol=1e-4)
-        assert_close(f"postprocess[{i}] boxes", r["boxes"], ref["boxes"], atol=1e-3, rtol=1e-4)  # pixels, up to 640
+        close(f"postprocess[{i}] scores", r["scores"], ref["scores"], atol=1e-5, rtol=1e-4)
+        close(f"postprocess[{i}] boxes", r["boxes"], ref["boxes"], atol=1e-3, rtol=1e-4)  # pixels, up to 640
 
 
 def test_gradients(fx, args):
