@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from .core import atomic_write_bytes, atomic_write_json
 from .box_ops import box_xyxy_to_cxcywh
-from .data import (CocoDetection, DatasetError, coco_target, collate_fn, draw_boxes, load_rgb,
+from .data import (CocoDetection, DatasetError, _coco_index, _number_annotations, coco_target, collate_fn, draw_boxes, load_rgb,
                                  make_coco_transforms, make_loader)
 from .train import model_from_checkpoint
 
 # %% auto #0
 __all__ = ['STAT_NAMES', 'predict', 'to_coco_results', 'coco_evaluate', 'per_class_ap', 'evaluate_dataset', 'coco_evaluator',
-           'check_classes', 'evaluate_checkpoint', 'predict_image', 'draw_detections', 'predict_files',
+           'check_classes', 'evaluate_checkpoint', 'predict_image', 'draw_detections', 'drawing_names', 'predict_files',
            'prediction_grid']
 
 # %% ../nbs/23_evaluate.ipynb #b4f0c2bb
@@ -47,10 +47,21 @@ def to_coco_results(results: list[dict], image_ids: Sequence[int], label_to_cat:
     return out
 
 # %% ../nbs/23_evaluate.ipynb #adbe3748
+def _sound_ground_truth(coco_gt: COCO) -> COCO:
+    "`coco_gt` if COCOeval can match its annotations by id, else an index of a copy with ids 1..N (and a warning)."
+    anns = coco_gt.dataset.get('annotations', [])
+    ids = [a.get('id') for a in anns]
+    if all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids) and len(set(ids)) == len(ids) == len(coco_gt.anns):
+        return coco_gt
+    copy = [dict(a) for a in anns]
+    _number_annotations('the ground truth', copy)
+    return _coco_index({**coco_gt.dataset, 'annotations': copy})
+
 def coco_evaluate(coco_gt: COCO, detections: list[dict]) -> dict:
     "COCOeval (bbox) of `detections` against `coco_gt`: the 12 summary numbers, AP per class, and the printed table."
     if not detections:
         return {**{k: 0.0 for k in STAT_NAMES}, 'per_class': {}, 'table': 'no detections', 'num_detections': 0}
+    coco_gt = _sound_ground_truth(coco_gt)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         E = COCOeval(coco_gt, coco_gt.loadRes(detections), 'bbox')
@@ -129,22 +140,32 @@ def _save_fig(fig, path: Path) -> Path:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100, bbox_inches='tight'); plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
+def drawing_names(files: Sequence[Path]) -> list[str]:
+    "One picture name per input: its stem + '.png', numbered (-2, -3, ...) where stems repeat (case-insensitively)."
+    used, names = {'detections.json'}, []
+    for f in files:
+        name, k = f'{Path(f).stem}.png', 1
+        while name.lower() in used: k += 1; name = f'{Path(f).stem}-{k}.png'
+        used.add(name.lower()); names.append(name)
+    return names
+
 def predict_files(checkpoint: Path|str, files: Sequence[Path|str], out_dir: Path|str, threshold: float=0.5,
                   device: str='cpu', progress: bool=True) -> list[dict]:
-    "Predict on image files: out_dir/<name>.png with boxes drawn, and out_dir/detections.json."
+    "Predict on image files: out_dir/<name>.png with boxes drawn, and out_dir/detections.json (unreadable files: an 'error')."
     model, postprocess, ckpt = model_from_checkpoint(checkpoint, device)
     names = {int(k): v for k, v in ckpt['classes']['names'].items()}
     label_to_cat = {int(k): v for k, v in ckpt['classes']['label_to_cat'].items()}
-    out_dir, records = Path(out_dir), []
-    for f in tqdm([Path(f) for f in files], desc='predict', disable=not progress, leave=False):
-        image = load_rgb(f)
+    out_dir, records, files = Path(out_dir), [], [Path(f) for f in files]
+    for f, drawing in tqdm(list(zip(files, drawing_names(files))), desc='predict', disable=not progress, leave=False):
+        try: image = load_rgb(f)
+        except DatasetError as e: records.append({'file': str(f), 'error': str(e), 'detections': []}); continue
         det = predict_image(model, postprocess, image, ckpt['train_config']['image_size'], device)
         keep = det['scores'] >= threshold
-        records.append({'file': str(f), 'width': image.width, 'height': image.height, 'detections': [
+        records.append({'file': str(f), 'drawing': drawing, 'width': image.width, 'height': image.height, 'detections': [
             {'label': names.get(l, str(l)), 'category_id': label_to_cat.get(l), 'score': round(s, 4), 'box_xyxy': [round(v, 2) for v in b]}
             for b, s, l in zip(det['boxes'][keep].tolist(), det['scores'][keep].tolist(), det['labels'][keep].tolist())]})
         ax = draw_detections(image, det, names, threshold, title=f'{f.name}: {int(keep.sum())} detections >= {threshold}')
-        _save_fig(ax.figure, out_dir/f'{f.stem}.png')
+        _save_fig(ax.figure, out_dir/drawing)
     atomic_write_json(out_dir/'detections.json', records)
     return records
 
