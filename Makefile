@@ -60,6 +60,16 @@ docs: setup
 docs-test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python docs/build.py --no-cache
 
+## JupyterLab on the course: the kernel `detr-explained` (this venv, registered in it) named by every notebook,
+## ipympl for `%matplotlib widget`; opens nbs/00_index.ipynb on http://127.0.0.1 (LAB_PORT, default 8888).
+LAB_PORT ?= 8888
+KERNEL_JSON := $(VENV)/share/jupyter/kernels/detr-explained/kernel.json
+$(KERNEL_JSON): $(VENV)/.installed tools/kernelspec.py
+	$(BIN)/python tools/kernelspec.py install
+
+lab: setup $(KERNEL_JSON)
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) nbs/00_index.ipynb
+
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 

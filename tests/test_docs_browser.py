@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT/'docs'
 HTML, SRC = DOCS/'_build'/'html', DOCS/'_build'/'src'
 SHOTS = DOCS/'_build'/'screenshots'
-FAMILY_PAGES = {  # screenshot: the explorer page of each family, else its model notebook
-    'detr': ['40_explore_detr', '06_detr', '05_transformer'],
-    'deformable_detr': ['41_explore_deformable', '12_deformable_detr', '11_deformable_transformer', '10_ms_deform_attn'],
-    'dab_detr': ['42_explore_dab', '16_dab_detr', '15_dab_transformer', '14_dab_anchors'],
+FAMILY_PAGES = {  # screenshots: the explorer page of each family (a missing one fails the test)
+    'detr': '40_explore_detr',
+    'deformable_detr': '41_explore_deformable',
+    'dab_detr': '42_explore_dab',
 }
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/svg+xml')
 
@@ -166,9 +166,15 @@ def _has_math(markdown: str) -> bool:
 
 def _page(name: str) -> str: return 'index.html' if name == course_notebooks()[0] else f'{name}.html'
 
+def _missing_pages(names) -> list[str]:
+    "Pages of the site that should be there and are not (the http server would answer them with a 404 page)."
+    return [f'{n} ({_page(n)})' for n in names if not (HTML/_page(n)).is_file()]
+
 
 def test_every_page_loads_typesets_and_shows_its_figures(site, browser):
     problems, summary = [], []
+    missing = _missing_pages(course_notebooks())
+    assert not missing, f'notebooks without a page on the site: {missing}'
     for name in course_notebooks():
         f = _load(browser, f'{site}/{_page(name)}')
         n_imgs, n_math_cells = _src_counts('index' if _page(name) == 'index.html' else name)
@@ -203,17 +209,24 @@ def test_navigation_reaches_every_notebook_in_course_order(site, browser):
 def test_screenshots_of_home_and_each_family(site, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     names, saved = course_notebooks(), []
+    absent = [f'{family}: {page}' for family, page in FAMILY_PAGES.items() if page not in names]
+    assert not absent, f'explorer notebooks missing from nbs/: {absent}'
+    missing = _missing_pages([names[0], *FAMILY_PAGES.values()])
+    assert not missing, f'pages missing from the site: {missing}'
+    for shot in ['home.png', *(f'{f}_{part}.png' for f in FAMILY_PAGES for part in ('top', 'figure'))]:
+        (SHOTS/shot).unlink(missing_ok=True)                     # none of ours left over from an earlier run
     _load(browser, f'{site}/index.html')
     browser.save_screenshot(str(SHOTS/'home.png')); saved.append('home.png')
-    for family, candidates in FAMILY_PAGES.items():
-        page = next((c for c in candidates if c in names), None)
-        if page is None: continue  # that family's notebooks are not written yet
-        _load(browser, f'{site}/{_page(page)}')
-        browser.save_screenshot(str(SHOTS/f'{family}_top.png'))
+    no_figure = []
+    for family, page in FAMILY_PAGES.items():
+        f = _load(browser, f'{site}/{_page(page)}')
+        assert f['h1'] and not f['console_errors'], f'{page}: {f}'
+        browser.save_screenshot(str(SHOTS/f'{family}_top.png')); saved.append(f'{family}_top.png')
         if browser.execute_script("""const img = document.querySelector('main .cell_output img');
             if (!img) return false; img.scrollIntoView({block: 'center'}); return true;"""):
             time.sleep(0.2)
             browser.save_screenshot(str(SHOTS/f'{family}_figure.png')); saved.append(f'{family}_figure.png')
-        saved.append(f'{family}_top.png')
+        else: no_figure.append(page)
     print('screenshots in', SHOTS, saved)
+    assert not no_figure, f'explorer pages without a figure: {no_figure}'
     assert all((SHOTS/s).stat().st_size > 10_000 for s in saved)
