@@ -127,6 +127,19 @@ def fetch_images(images:list[dict], folder:Path, base:str, workers:int=8, retrie
     return len(todo) - len(failures), failures
 
 # %% ../nbs/31_coco_subset.ipynb #dc922c8f
+def _claim(out:Path, split:str, note:dict):
+    "Refuse to write into a COCO split that another tool wrote; record that this subset is being built there."
+    ann, images, marker = out/'annotations'/f'instances_{split}.json', out/split, out/f'.coco-subset-{split}.json'
+    if ann.exists():
+        try: ours = 'subset' in (json.loads(ann.read_text()).get('info') or {})
+        except (OSError, ValueError, AttributeError): ours = False
+        if not ours: raise CocoSubsetError(f'{ann} exists and was not written by coco-subset (its info has no "subset" record); '
+                                           'refusing to overwrite it: choose another --out')
+    elif images.is_dir() and not marker.exists() and (found := [p.name for p in images.iterdir()]):
+        raise CocoSubsetError(f'{images} already holds {len(found)} files (e.g. {found[0]}) and no coco-subset was started there; '
+                              'refusing to mix a subset into it: choose another --out')
+    atomic_write_json(marker, note)
+
 def make_coco_subset(out:Path|str, # output root: out/annotations/instances_<split>.json and out/<split>/
                      split:str='val2017', # 'val2017' or 'train2017'
                      n:int=100, # number of images
@@ -136,14 +149,15 @@ def make_coco_subset(out:Path|str, # output root: out/annotations/instances_<spl
                      annotations_url:str=COCO_ANNOTATIONS_URL, images_url:str=COCO_IMAGES_URL,
                      cache:Path|str|None=None, workers:int=8, retries:int=3, timeout:float=60.,
                      progress:bool=True) -> Path:
-    "Build (or complete) a COCO subset; returns the path of the annotation file written."
+    "Build (or complete) a COCO subset; returns the path of the annotation file written. Never overwrites another dataset."
     if split not in SPLITS: raise CocoSubsetError(f'split {split!r}: one of {SPLITS}')
     out = Path(out)
+    note = {'split': split, 'n': n, 'seed': seed, 'categories': list(categories or []),
+            'annotations': str(annotations or annotations_url), 'images': f'{images_url}/{split}/'}
+    _claim(out, split, note)
     source = Path(annotations) if annotations else fetch_annotations(annotations_url, cache, progress)
     coco = read_instances(source, split)
     ids = choose_images(coco, n, categories, seed)
-    note = {'split': split, 'n': n, 'seed': seed, 'categories': list(categories or []),
-            'annotations': str(annotations or annotations_url), 'images': f'{images_url}/{split}/'}
     subset = subset_annotations(coco, ids, note)
     fetched, failures = fetch_images(subset['images'], out/split, f"{images_url.rstrip('/')}/{split}",
                                      workers, retries, timeout, progress)
@@ -151,7 +165,9 @@ def make_coco_subset(out:Path|str, # output root: out/annotations/instances_<spl
         listed = '\n'.join(f'  {k}: {v}' for k, v in list(failures.items())[:10])
         raise CocoSubsetError(f'{len(failures)} of {n} images failed ({fetched} fetched now); run the same command again '
                               f'to resume. Failures:\n{listed}')
-    return atomic_write_json(out/'annotations'/f'instances_{split}.json', subset, indent=None)
+    path = atomic_write_json(out/'annotations'/f'instances_{split}.json', subset, indent=None)
+    (out/f'.coco-subset-{split}.json').unlink(missing_ok=True)
+    return path
 
 # %% ../nbs/31_coco_subset.ipynb #f83a186f
 def add_coco_subset_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:

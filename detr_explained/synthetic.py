@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_synthetic.ipynb #56872e19
 from __future__ import annotations
-import colorsys, json
+import colorsys, json, re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from .core import atomic_write_json
+from .data import DatasetError
 
 # %% auto #0
 __all__ = ['CLASSES', 'SPLITS', 'shape_mask', 'background', 'place_objects', 'mask_bbox', 'make_image', 'write_split',
@@ -123,20 +124,42 @@ def write_split(root: Path, split: str, n: int, seed: int=0, size: int=128, max_
             'categories': [{'id': k + 1, 'name': name, 'supercategory': 'shape'} for k, name in enumerate(CLASSES)]}
 
 # %% ../nbs/21_synthetic.ipynb #e5e782f1
+_DESCRIPTION = 'detr_explained synthetic shapes'
+_OUR_IMAGE = re.compile(r'(train|val)_\d{6}\.png')
+
+def _existing(ann_file: Path) -> tuple[dict|None, int]:
+    try: d = json.loads(ann_file.read_text()); return d.get('info'), len(d.get('images', []))
+    except (OSError, ValueError, AttributeError): return None, -1
+
+def _not_ours(out: Path) -> str|None:
+    "What in `out` make_synthetic did not write (None if nothing); hidden files are ignored."
+    if not out.exists(): return None
+    if not out.is_dir(): return 'it is a file'
+    for p in sorted(q for q in out.iterdir() if not q.name.startswith('.')):
+        if p.name == 'images' and p.is_dir():
+            other = sorted(q.name for q in p.iterdir() if not q.name.startswith('.') and not _OUR_IMAGE.fullmatch(q.name))
+            if other: return f"images/ holds files it does not write, e.g. {other[:3]}"
+        elif p.name == 'annotations' and p.is_dir():
+            for q in sorted(q for q in p.iterdir() if not q.name.startswith('.')):
+                info, _ = _existing(q)
+                if q.name not in ('instances_train.json', 'instances_val.json') or not (isinstance(info, dict) and info.get('description') == _DESCRIPTION):
+                    return f"annotations/{q.name} was not written by make_synthetic"
+        else: return f"{p.name} was not written by make_synthetic"
+    return None
+
 def make_synthetic(out: Path|str, # folder to write: images/, annotations/instances_{train,val}.json
                    n_train: int=2000, n_val: int=200, size: int=128, seed: int=0, max_objects: int=4,
                    overwrite: bool=False, # rewrite even if a dataset with the same settings is there
                   ) -> Path:
-    "Write the synthetic shapes dataset in COCO format (deterministic by seed); returns `out`."
+    "Write the synthetic shapes dataset in COCO format (deterministic by seed); returns `out`. Never overwrites another dataset."
     out = Path(out)
+    if why := _not_ours(out):
+        raise DatasetError(f"{out}: refusing to write the synthetic dataset there: {why}. Choose a new or empty folder")
     for split, n in (('train', n_train), ('val', n_val)):
         ann_file = out/'annotations'/f'instances_{split}.json'
-        if ann_file.exists() and not overwrite:
-            info, num = _existing(ann_file)
-            if info == {'description': 'detr_explained synthetic shapes', 'split': split, 'seed': seed, 'size': size, 'max_objects': max_objects} and num == n: continue
+        info, num = _existing(ann_file) if ann_file.exists() else (None, -1)
+        if not overwrite and num == n and info == {'description': _DESCRIPTION, 'split': split, 'seed': seed, 'size': size, 'max_objects': max_objects}: continue
+        for stale in (out/'images').glob(f'{split}_*.png'):                  # an earlier, larger version
+            if _OUR_IMAGE.fullmatch(stale.name) and int(stale.stem.split('_')[1]) >= n: stale.unlink()
         atomic_write_json(ann_file, write_split(out, split, n, seed, size, max_objects), indent=None)
     return out
-
-def _existing(ann_file: Path) -> tuple[dict|None, int]:
-    try: d = json.loads(ann_file.read_text()); return d.get('info'), len(d.get('images', []))
-    except (OSError, ValueError): return None, -1

@@ -19,7 +19,9 @@ from pycocotools.coco import COCO
 from detr_explained.coco_subset import (CocoSubsetError, check_image, choose_images, fetch_annotations,
                                         main_coco_subset, make_coco_subset, read_instances)
 from detr_explained.data import find_split
-from detr_explained.hub import CACHE_ENV, DownloadError, Fault, LocalFileServer
+from detr_explained.hub import CACHE_ENV, DownloadError
+
+from http_server import Fault, LocalFileServer
 
 ARCHIVE = '/annotations/annotations_trainval2017.zip'
 
