@@ -8,17 +8,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import ipywidgets as widgets
+from fastcore.basics import patch
 from matplotlib import cm
+from matplotlib.colors import BoundaryNorm, ListedColormap
 from torch import nn, Tensor
 
 from .dab_transformer import attention_weights, positional_attention, split_heads
-from .explore_detr import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, argmax2d, box_to_pixels,
-                                         call_args, draw_box, head_options, layer_predictions, load_image, overlay,
-                                         panel_rows, query_options, query_scores)
+from .explore_base import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, argmax2d, as_loaded,
+                                         box_to_pixels, call_args, colorbar, draw_box, dropdown, head_map, head_options,
+                                         layer_predictions, load_image, overlay, panel_rows, query_options, query_scores,
+                                         slider, weights_banner)
 
 # %% auto #0
-__all__ = ['split_content_position', 'dab_maps', 'DABCapture', 'capture_dab', 'dab_map', 'anchor_track', 'DABExplorer']
+__all__ = ['HEADS_PER_ROW', 'split_content_position', 'dab_maps', 'DABCapture', 'capture_dab', 'dab_map', 'anchor_track',
+           'DABExplorer']
 
 # %% ../nbs/42_explore_dab.ipynb #b00499e1
 def split_content_position(x: Tensor, # (B, N, 2D) per-head concatenations [content_m ; position_m], as DAB builds them
@@ -89,8 +92,7 @@ def capture_dab(model: nn.Module, image: ExplorerImage) -> DABCapture:
 # %% ../nbs/42_explore_dab.ipynb #9fda4d20
 def dab_map(cap: DABCapture, kind: str, layer: int, query: int, head: int|None=None) -> Tensor: # (H, W)
     "One query's 'position', 'content' or 'full' cross-attention map at `layer`."
-    rows = cap.maps[kind][layer][:, query]                                 # (M, HW)
-    return (rows.mean(0) if head is None else rows[head]).view(*cap.feature_hw)
+    return head_map(cap.maps[kind][layer][:, query], head).view(*cap.feature_hw)   # (M, HW) -> (HW,) -> (H, W)
 
 def anchor_track(cap: DABCapture, query: int) -> Tensor: # (L + 1, 4) cxcywh
     "The anchor entering every decoder layer, then the final predicted box."
@@ -105,19 +107,18 @@ class DABExplorer(ExplorerBase):
     "DAB-DETR: anchors through the decoder layers; positional, content and full cross-attention of a query; per head."
     def __init__(self, model: nn.Module|LoadedModel, image=None, size: int|None=None, names: dict|None=None,
                  capture=None): # a capture of this model on this image, to reuse
-        lm = model if isinstance(model, LoadedModel) else LoadedModel(model, 'dab_detr', 'given')
+        self.lm = lm = as_loaded(model, 'dab_detr')
         self.names = names if names is not None else lm.names
         self.image = image if isinstance(image, ExplorerImage) else load_image(image, size or lm.image_size or 384)
         self.cap = cap = capture if capture is not None else capture_dab(lm.model, self.image)
         L, M = cap.anchors.shape[0], cap.maps['position'].shape[1]
-        self.controls = dict(
-            query=widgets.Dropdown(options=_query_names(cap, self.names), description='query'),
-            layer=widgets.IntSlider(L - 1, 0, L - 1, description='dec layer', continuous_update=False),
-            head=widgets.Dropdown(options=head_options(M), value=-1, description='head'))
+        self.controls = dict(query=dropdown(_query_names(cap, self.names), 'query'), layer=slider(L - 1, L - 1, 'dec layer'),
+                             head=dropdown(head_options(M), 'head', -1))
         self._setup()
 
 # %% ../nbs/42_explore_dab.ipynb #c102441a
-def _draw_anchors(self: DABExplorer, ax):
+@patch
+def draw_anchors(self: DABExplorer, ax, cax):
     q, layer, cap, hw = self.value('query'), self.value('layer'), self.cap, self.image.rgb.shape[:2]
     overlay(ax, self.image.rgb, None, cap.stride)
     for b in cap.anchors[layer]: draw_box(ax, box_to_pixels(b, hw), color='white', lw=0.5)
@@ -128,38 +129,55 @@ def _draw_anchors(self: DABExplorer, ax):
     for i, (b, c) in enumerate(zip(track, colors)):
         draw_box(ax, box_to_pixels(b, hw), color=c, lw=3 if i == layer else 1.5)
         ax.plot(*xy[i], 'o', color=c, ms=5)
-    ax.set_title(f'query {q}: anchors of layers 0..{len(track) - 2}, final box (white: all, layer {layer})', fontsize=8)
+    ax.set_title(f'query {q}: its anchor entering each layer, final box\n(white: every anchor at layer {layer})', fontsize=10)
+    steps = ListedColormap(colors)                              # the colour bar says which colour is which layer
+    bar = cax.figure.colorbar(cm.ScalarMappable(BoundaryNorm(np.arange(len(track) + 1) - 0.5, len(track)), steps), cax=cax)
+    bar.set_ticks(range(len(track)), labels=[str(i) for i in range(len(track) - 1)] + ['box'])
+    bar.ax.tick_params(labelsize=8, length=2, pad=1)
     self.shown.update(query=q, layer=layer, anchor=box_to_pixels(cap.anchors[layer, q], hw),
                       track=[box_to_pixels(b, hw) for b in track], boxes_drawn=len(cap.anchors[layer]) + len(track))
 
-def _draw_map(self: DABExplorer, ax, kind: str, head, small=False):
+@patch
+def draw_map(self: DABExplorer, ax, cax, kind: str, head, small=False, vmax=None):
     q, layer, cap, hw = self.value('query'), self.value('layer'), self.cap, self.image.rgb.shape[:2]
     amap = dab_map(cap, kind, layer, q, head)
-    overlay(ax, self.image.rgb, amap, cap.stride, alpha=0.75 if small else 0.6)
+    im = overlay(ax, self.image.rgb, amap, cap.stride, alpha=0.75 if small else 0.6, vmax=vmax)
+    if cax is not None: colorbar(im, cax)
     draw_box(ax, box_to_pixels(cap.anchors[layer, q], hw), color='cyan', lw=1 if small else 1.5, ls='--')
     if not small: draw_box(ax, box_to_pixels(cap.boxes[layer, q], hw), color='lime', lw=1.5)
     h = 'mean of heads' if head is None else f'head {head}'
-    ax.set_title(f'{kind}, layer {layer}, {h}' if not small else f'position, {h}', fontsize=8 if small else 9)
-    return amap
+    ax.set_title(f'{kind}, layer {layer}, {h}\nanchor dashed, its box solid' if not small else
+                 (f'position, mean' if head is None else h), fontsize=9 if small else 10)
+    return amap, im
 
 # %% ../nbs/42_explore_dab.ipynb #420c8b43
-def _draw(self: DABExplorer):
+HEADS_PER_ROW = 5
+
+@patch
+def draw(self: DABExplorer):
     self.fig.clear()
     M, (h, w) = self.cap.maps['position'].shape[1], self.image.rgb.shape[:2]
-    (ax_anchor, *ax_maps), heads = panel_rows(self.fig, h / w, [4, M + 1], width=15)
-    self.ax_anchor = ax_anchor
-    _draw_anchors(self, ax_anchor)
-    for kind, ax in zip(('position', 'content', 'full'), ax_maps):
-        amap = _draw_map(self, ax, kind, self.head)
+    n = -(-(M + 1) // HEADS_PER_ROW)                                   # rows of heads
+    rows, bars = panel_rows(self.fig, h / w, [2, 2] + [min(M + 1, HEADS_PER_ROW)] * n, ['each', 'each'] + ['row'] * n,
+                            title_room=[0.48, 0.48] + [0.26] * n)
+    (self.ax_anchor, ax_pos), (ax_content, ax_full) = rows[:2]
+    self.draw_anchors(self.ax_anchor, bars[0][0])
+    for kind, ax, cax in zip(('position', 'content', 'full'), (ax_pos, ax_content, ax_full), (bars[0][1], *bars[1])):
+        amap, _ = self.draw_map(ax, cax, kind, self.head)
         self.shown[f'{kind}_map'], self.shown[f'{kind}_argmax'] = amap, argmax2d(amap)
-    for h, ax in zip([None] + list(range(M)), heads): _draw_map(self, ax, 'position', h, small=True)
+    heads = [a for r in rows[2:] for a in r]
+    q, layer = self.value('query'), self.value('layer')
+    vmax = float(torch.stack([dab_map(self.cap, 'position', layer, q, hd) for hd in [None, *range(M)]]).max())  # one scale
+    for hd, ax in zip([None] + list(range(M)), heads): _, im = self.draw_map(ax, None, 'position', hd, small=True, vmax=vmax)
+    for ax in heads[M + 1:]: ax.set_visible(False)
+    for b in (b for r in bars[2:] for b in r): colorbar(im, b)
+    weights_banner(self.fig, self.lm)
     self.shown['heads_drawn'] = M
 
-def _on_click(self: DABExplorer, event):
+@patch
+def on_click(self: DABExplorer, event):
     if event.inaxes is not getattr(self, 'ax_anchor', None) or event.xdata is None: return
     hw = self.image.rgb.shape[:2]
     for _, q in self.controls['query'].options:
         x0, y0, x1, y1 = box_to_pixels(self.cap.anchors[self.value('layer'), q], hw)
         if x0 <= event.xdata <= x1 and y0 <= event.ydata <= y1: self.controls['query'].value = q; return
-
-DABExplorer.draw, DABExplorer.on_click = _draw, _on_click

@@ -8,19 +8,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import ipywidgets as widgets
+from fastcore.basics import patch
 from matplotlib import cm
 from torch import nn, Tensor
 
 from .ms_deform_attn import MSDeformAttn
-from .explore_detr import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, box_to_pixels, call_args,
-                                         draw_box, layer_predictions, load_image, overlay, panel_rows, query_options,
-                                         query_scores)
+from .explore_base import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, as_loaded, box_to_pixels,
+                                         call_args, draw_box, dropdown, layer_predictions, load_image, overlay,
+                                         panel_rows, query_options, query_scores, slider, weights_banner)
 
 # %% auto #0
-__all__ = ['LEVEL_COLORS', 'HEAD_COLORS', 'sampling_points', 'DeformRecorder', 'deformable_attention_modules', 'DeformCapture',
-           'level_extents', 'capture_deformable', 'points_on_image', 'query_points', 'encoder_query',
-           'DeformableExplorer', 'draw_points', 'color_legend']
+__all__ = ['LEVEL_COLORS', 'HEAD_COLORS', 'POINT_SCALE', 'sampling_points', 'DeformRecorder', 'deformable_attention_modules',
+           'DeformCapture', 'level_extents', 'capture_deformable', 'points_on_image', 'query_points', 'encoder_query',
+           'DeformableExplorer', 'draw_points', 'color_legend', 'weight_legend']
 
 # %% ../nbs/41_explore_deformable.ipynb #e1769555
 def sampling_points(offsets: Tensor, # (N, Lq, M*L*P*2) output of `sampling_offsets`
@@ -150,20 +150,19 @@ class DeformableExplorer(ExplorerBase):
     "Deformable DETR: reference and sampling points of a decoder query and of an encoder pixel, per level and head."
     def __init__(self, model: nn.Module|LoadedModel, image=None, size: int|None=None, names: dict|None=None,
                  capture=None): # a capture of this model on this image, to reuse
-        lm = model if isinstance(model, LoadedModel) else LoadedModel(model, 'deformable_detr', 'given')
+        self.lm = lm = as_loaded(model, 'deformable_detr')
         self.names = names if names is not None else lm.names
         self.image = image if isinstance(image, ExplorerImage) else load_image(image, size or lm.image_size or 384)
         self.cap = cap = capture if capture is not None else capture_deformable(lm.model, self.image)
         (M, L, P), Le, Ld = cap.dec[0]['weights'].shape[1:], len(cap.enc), len(cap.dec)
-        I = lambda v, hi, d: widgets.IntSlider(v, 0, hi, description=d, continuous_update=False)
         H1, W1 = cap.spatial_shapes[1 % L]
         self.controls = dict(
-            query=widgets.Dropdown(options=query_options(cap.scores[-1], cap.labels[-1], self.names), description='query'),
-            dec_layer=I(Ld - 1, Ld - 1, 'dec layer'),
-            level=widgets.Dropdown(options=_option_list(L, 'all levels', 'level'), value=-1, description='level'),
-            head=widgets.Dropdown(options=_option_list(M, 'all heads', 'head'), value=-1, description='head'),
-            enc_layer=I(Le - 1, Le - 1, 'enc layer'), enc_level=I(1 % L, L - 1, 'enc level'),
-            row=I(H1 // 2, H1 - 1, 'row'), col=I(W1 // 2, W1 - 1, 'column'))
+            query=dropdown(query_options(cap.scores[-1], cap.labels[-1], self.names), 'query'),
+            dec_layer=slider(Ld - 1, Ld - 1, 'dec layer'),
+            level=dropdown(_option_list(L, 'all levels', 'level'), 'level', -1),
+            head=dropdown(_option_list(M, 'all heads', 'head'), 'head', -1),
+            enc_layer=slider(Le - 1, Le - 1, 'enc layer'), enc_level=slider(1 % L, L - 1, 'enc level'),
+            row=slider(H1 // 2, H1 - 1, 'row'), col=slider(W1 // 2, W1 - 1, 'column'))
         self.controls['enc_level'].observe(self._level_changed, names='value')
         self._setup()
 
@@ -178,11 +177,14 @@ class DeformableExplorer(ExplorerBase):
     def level(self): return None if self.value('level') < 0 else self.value('level')
 
 # %% ../nbs/41_explore_deformable.ipynb #277124c2
-def draw_points(ax, xy: Tensor, w: Tensor, colors, scale: float=900):
+POINT_SCALE = 900   # dot area (points^2) per unit of attention weight
+
+def draw_points(ax, xy: Tensor, w: Tensor, colors, scale: float=POINT_SCALE):
     "Sampling points as dots whose area is proportional to their weight."
     ax.scatter(xy[:, 0], xy[:, 1], s=20 + scale * w, c=colors, edgecolors='white', linewidths=0.6, alpha=0.85, zorder=3)
 
-def _draw_query(self: DeformableExplorer, ax, part: dict, q: int, title: str, level=None, head=None, by='level'):
+@patch
+def draw_query(self: DeformableExplorer, ax, part: dict, q: int, title: str, level=None, head=None, by='level'):
     cap, rgb = self.cap, self.image.rgb
     xy, w, lv, hd = query_points(part, q, cap.extents, level, head)
     overlay(ax, rgb, None, 1)
@@ -191,40 +193,48 @@ def _draw_query(self: DeformableExplorer, ax, part: dict, q: int, title: str, le
     (ex, ey) = cap.extents[0 if level is None else level]
     rx, ry = float(ref[0]) * ex, float(ref[1]) * ey
     ax.plot([rx], [ry], '*', color='white', ms=16, mec='black', zorder=4)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10 if by == 'level' else 9)
     return (rx, ry), len(w)
 
 # %% ../nbs/41_explore_deformable.ipynb #ae2db5a9
-def color_legend(ax, colors, names: list[str]):
+def color_legend(ax, colors, names: list[str], loc='lower left', ncol: int|None=None):
     "A small legend of coloured dots."
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker='o', ls='', color=c, mec='white', label=n) for c, n in zip(colors, names)]
-    ax.legend(handles=handles, loc='lower left', fontsize=7, ncol=len(names), framealpha=0.7, handletextpad=0.1, columnspacing=0.6)
+    ax.legend(handles=handles, loc=loc, fontsize=8, ncol=ncol or len(names), framealpha=0.7, handletextpad=0.1, columnspacing=0.6)
+
+def weight_legend(ax, weights=(0.05, 0.2, 0.5), scale: float=POINT_SCALE):
+    "The scale of the dots, as a colour bar is the scale of a map: dot area for a few attention weights."
+    for w in weights: ax.scatter([], [], s=20 + scale * w, c='lightgray', edgecolors='black', linewidths=0.6, label=f'{w:g}')
+    ax.legend(loc='lower right', fontsize=8, title='attention weight', title_fontsize=8, framealpha=0.7, ncol=len(weights),
+              borderpad=0.8, labelspacing=1.2, handletextpad=0.6)
 
 # %% ../nbs/41_explore_deformable.ipynb #39b54db0
-def _draw(self: DeformableExplorer):
+@patch
+def draw(self: DeformableExplorer):
     self.fig.clear()
     cap, hw = self.cap, self.image.rgb.shape[:2]
-    L = len(cap.spatial_shapes)
-    (ax_dec, ax_enc), levels = panel_rows(self.fig, hw[0] / hw[1], [2, L])
+    L, M = len(cap.spatial_shapes), cap.dec[0]['weights'].shape[1]
+    (ax_dec, ax_enc), levels = panel_rows(self.fig, hw[0] / hw[1], [2, L], title_room=[0.48, 0.26])[0]
     self.ax_dec, self.ax_enc = ax_dec, ax_enc
     q, layer = self.value('query'), self.value('dec_layer')
-    ref, n = _draw_query(self, ax_dec, cap.dec[layer], q, f'decoder layer {layer}, query {q}: reference point and sampling points',
-                         self.level, self.head)
+    ref, n = self.draw_query(ax_dec, cap.dec[layer], q, f'decoder layer {layer}, query {q}\nreference point (star), sampling points',
+                             self.level, self.head)
     box = box_to_pixels(cap.boxes[layer, q], hw)
     draw_box(ax_dec, box, label=self.names.get(int(cap.labels[layer, q]), f'class {int(cap.labels[layer, q])}'))
-    el, row, col = self.value('enc_level'), self.value('row'), self.value('col')
+    el, row, col, le = self.value('enc_level'), self.value('row'), self.value('col'), self.value('enc_layer')
     qi = encoder_query(cap, el, row, col)
-    eref, en = _draw_query(self, ax_enc, cap.enc[self.value('enc_layer')], qi,
-                           f'encoder layer {self.value("enc_layer")}, pixel (row {row}, col {col}) of level {el}', self.level, self.head)
-    M = cap.dec[0]['weights'].shape[1]
+    eref, en = self.draw_query(ax_enc, cap.enc[le], qi, f'encoder layer {le}\npixel (row {row}, col {col}) of level {el}',
+                               self.level, self.head)
     color_legend(ax_dec, LEVEL_COLORS[:L], [f'level {l}' for l in range(L)])
-    color_legend(levels[0], HEAD_COLORS[np.arange(M) % 9], [f'h{m}' for m in range(M)])
+    weight_legend(ax_enc)
+    color_legend(levels[0], HEAD_COLORS[np.arange(M) % 9], [f'h{m}' for m in range(M)], ncol=4)
     per_level = []
     for l, ax in enumerate(levels):
-        _, k = _draw_query(self, ax, cap.dec[layer], q, f'level {l} ({cap.spatial_shapes[l][0]}x{cap.spatial_shapes[l][1]}): '
-                           f'query {q}, by head', l, self.head, by='head')
+        _, k = self.draw_query(ax, cap.dec[layer], q, f'level {l} ({cap.spatial_shapes[l][0]}x{cap.spatial_shapes[l][1]}), by head',
+                               l, self.head, by='head')
         _grid(ax, cap.spatial_shapes[l], cap.extents[l]); per_level.append(k)
+    weights_banner(self.fig, self.lm)
     self.shown.update(query=q, dec_layer=layer, reference=ref, box=box, dec_points=n, enc_query=qi, enc_reference=eref,
                       enc_points=en, level_points=per_level)
 
@@ -235,10 +245,9 @@ def _grid(ax, shape, extent, max_lines: int=40):
     for x in np.linspace(0, ew, W + 1): ax.axvline(x, color='white', lw=0.3, alpha=0.5)
     for y in np.linspace(0, eh, H + 1): ax.axhline(y, color='white', lw=0.3, alpha=0.5)
 
-DeformableExplorer.draw = _draw
-
 # %% ../nbs/41_explore_deformable.ipynb #49630490
-def _on_click(self: DeformableExplorer, event):
+@patch
+def on_click(self: DeformableExplorer, event):
     if event.xdata is None: return
     cap = self.cap
     if event.inaxes is getattr(self, 'ax_enc', None):
@@ -250,5 +259,3 @@ def _on_click(self: DeformableExplorer, event):
         ex, ey = cap.extents[0]
         refs = cap.dec[self.value('dec_layer')]['reference'][:, 0, :2] * torch.tensor([ex, ey])   # (Q, 2) pixels
         self.controls['query'].value = int(((refs - torch.tensor([event.xdata, event.ydata])) ** 2).sum(-1).argmin())
-
-DeformableExplorer.on_click = _on_click

@@ -4,132 +4,20 @@
 
 # %% ../nbs/40_explore_detr.ipynb #04ef8a31
 from __future__ import annotations
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import ipywidgets as widgets
-import matplotlib
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-from PIL import Image
+from fastcore.basics import patch
 from torch import nn, Tensor
 
-from .core import coco_sample_dir, load_official_fixture
-from .box_ops import box_cxcywh_to_xyxy
-from .data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, resize_size
-from .official import FAMILIES, from_official
+from .explore_base import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, argmax2d, as_loaded,
+                                         box_to_pixels, call_args, colorbar, draw_box, dropdown, head_map, head_options,
+                                         layer_predictions, load_image, overlay, panel_rows, query_options, query_scores,
+                                         slider, weights_banner)
 
 # %% auto #0
-__all__ = ['SAMPLE_IMAGE', 'LoadedModel', 'coco_names', 'load_model', 'ExplorerImage', 'sample_image', 'load_image', 'HookSet',
-           'call_args', 'AttentionRecorder', 'mha_weights_by_hand', 'detr_attention_modules', 'layer_predictions',
-           'query_scores', 'DETRCapture', 'capture_detr', 'head_map', 'encoder_map', 'decoder_map', 'argmax2d',
-           'interactive_backend', 'new_figure', 'panel_rows', 'overlay', 'box_to_pixels', 'draw_box', 'ExplorerBase',
-           'head_options', 'query_options', 'DETRExplorer']
-
-# %% ../nbs/40_explore_detr.ipynb #4d2ebcf8
-@dataclass
-class LoadedModel:
-    "A model ready to explore, and where it came from."
-    model: nn.Module                 # in eval mode
-    family: str                      # 'detr', 'deformable_detr' or 'dab_detr'
-    source: str                      # 'fixture', a checkpoint path, or an official checkpoint name/URL
-    names: dict = field(default_factory=dict)  # class label -> name ({} when unknown)
-    image_size: int|None = None      # the shorter image side it was trained at, when known
-
-# %% ../nbs/40_explore_detr.ipynb #0de0cd48
-def _training_checkpoint(path: Path, family: str|None) -> LoadedModel|None:
-    "A LoadedModel from a detr_explained training checkpoint, or None if `path` is not one."
-    from detr_explained.train import CheckpointError, load_checkpoint, model_from_checkpoint
-    try: load_checkpoint(path)
-    except CheckpointError as e:
-        if 'not a detr_explained training checkpoint' in str(e): return None
-        raise
-    model, _, ckpt = model_from_checkpoint(path)
-    if family is not None and ckpt['family'] != family:
-        raise ValueError(f"{path} holds a {ckpt['family']!r} model, not {family!r}")
-    names = {int(k): str(v) for k, v in ckpt.get('classes', {}).get('names', {}).items()}
-    return LoadedModel(model, ckpt['family'], str(path), names, ckpt.get('train_config', {}).get('image_size'))
-
-# %% ../nbs/40_explore_detr.ipynb #ea3c3cb1
-def coco_names() -> dict:
-    "COCO category id -> name, from the COCO sample's annotations ({} without the sample)."
-    folder = coco_sample_dir()
-    files = sorted((folder/'annotations').glob('instances_*.json')) if folder is not None else []
-    if not files: return {}
-    import json
-    return {c['id']: c['name'] for c in json.loads(files[0].read_text())['categories']}
-
-# %% ../nbs/40_explore_detr.ipynb #0190dd59
-def load_model(source: str|Path='fixture', # 'fixture', a training checkpoint, or an official checkpoint name/path/URL
-               family: str|None=None, # required for 'fixture'; otherwise checked against the checkpoint
-              ) -> LoadedModel:
-    "Load a model of any family for the explorers, in eval mode."
-    if str(source) == 'fixture':
-        if family not in FAMILIES: raise ValueError(f"family must be one of {FAMILIES} for the fixture weights, not {family!r}")
-        fx = load_official_fixture(family)
-        return LoadedModel(from_official(family, fx['state_dict'], fx['config']['args']), family, 'fixture', coco_names())
-    if Path(source).is_file() and (loaded := _training_checkpoint(Path(source), family)) is not None: return loaded
-    from detr_explained.hub import from_official_checkpoint
-    model = from_official_checkpoint(source, family=family)
-    return LoadedModel(model, model.checkpoint_info.family, str(source), coco_names())
-
-# %% ../nbs/40_explore_detr.ipynb #29ef8597
-@dataclass
-class ExplorerImage:
-    "An image as the model sees it and as the figure draws it."
-    tensor: Tensor      # (1, 3, H, W) normalised with the ImageNet mean and std
-    rgb: np.ndarray     # (H, W, 3) float in [0, 1]
-    name: str = ''
-    mask: Tensor|None = None  # (1, H, W) bool, True on padding; None: no padding (one image)
-
-SAMPLE_IMAGE = '000000261888.jpg'  # COCO val2017: horses, a bicycle, a person, a stop sign
-
-def sample_image() -> tuple[Image.Image, str]:
-    "A COCO sample photo, or a synthetic image where the sample is not available."
-    folder = coco_sample_dir()
-    if folder is not None and (folder/'images'/SAMPLE_IMAGE).exists():
-        return load_rgb(folder/'images'/SAMPLE_IMAGE), SAMPLE_IMAGE
-    from detr_explained.synthetic import make_image
-    return Image.fromarray(make_image(np.random.default_rng(0), (256, 320))[0]), 'synthetic'
-
-# %% ../nbs/40_explore_detr.ipynb #73a9a1b7
-def _to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image): return image.convert('RGB')
-    if isinstance(image, (str, Path)): return load_rgb(image)
-    a = image.detach().cpu().permute(1, 2, 0).numpy() if isinstance(image, Tensor) else np.asarray(image)  # (3, H, W) -> (H, W, 3)
-    if a.dtype != np.uint8: a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(a)
-
-def load_image(image=None, # path, PIL image, (H, W, 3) array, (3, H, W) tensor in [0, 1]; None: a sample photo
-               size: int=384, # shorter side after resizing (the official training uses 480-800)
-               max_size: int=640, # longer side at most
-              ) -> ExplorerImage:
-    "Resize (official rule) and normalise an image for the explorers."
-    name = str(image) if isinstance(image, (str, Path)) else type(image).__name__
-    if image is None: image, name = sample_image()
-    pil = _to_pil(image)
-    h, w = resize_size(pil.width, pil.height, size, max_size)
-    rgb = np.asarray(pil.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255    # (H, W, 3)
-    x = (torch.from_numpy(rgb) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    return ExplorerImage(x.permute(2, 0, 1)[None].contiguous(), rgb, name)        # (H, W, 3) -> (1, 3, H, W)
-
-# %% ../nbs/40_explore_detr.ipynb #85d24811
-class HookSet:
-    "Context manager: forward (pre-)hooks registered through it are removed on exit."
-    def __init__(self): self.handles = []
-    def pre(self, module: nn.Module, fn): self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-    def post(self, module: nn.Module, fn): self.handles.append(module.register_forward_hook(fn, with_kwargs=True))
-    def __enter__(self): return self
-    def __exit__(self, *exc):
-        for h in self.handles: h.remove()
-        self.handles.clear()
-
-def call_args(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    "The arguments of a call of `module.forward`, by parameter name."
-    import inspect
-    return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+__all__ = ['HEADS_PER_ROW', 'AttentionRecorder', 'mha_weights_by_hand', 'detr_attention_modules', 'DETRCapture', 'capture_detr',
+           'encoder_map', 'decoder_map', 'DETRExplorer']
 
 # %% ../nbs/40_explore_detr.ipynb #f28c9a4d
 class AttentionRecorder(HookSet):
@@ -176,17 +64,6 @@ def detr_attention_modules(model: nn.Module) -> dict[str, nn.MultiheadAttention]
     return {**{f'encoder.{i}': l.self_attn for i, l in enumerate(t.encoder.layers)},
             **{f'decoder.{i}': l.multihead_attn for i, l in enumerate(t.decoder.layers)}}
 
-def layer_predictions(out: dict) -> tuple[Tensor, Tensor]:
-    "(logits (L, B, Q, K), boxes (L, B, Q, 4)) of every decoder layer: aux_outputs, then the final output."
-    per_layer = out.get('aux_outputs', []) + [out]
-    return torch.stack([o['pred_logits'] for o in per_layer]), torch.stack([o['pred_boxes'] for o in per_layer])
-
-def query_scores(logits: Tensor, # (..., K+1) DETR softmax logits, or (..., K) sigmoid logits
-                 softmax: bool, # True for DETR (last logit = no object)
-                ) -> tuple[Tensor, Tensor]: # best real-class probability and its label, (...)
-    p = logits.softmax(-1)[..., :-1] if softmax else logits.sigmoid()
-    return p.max(-1)
-
 # %% ../nbs/40_explore_detr.ipynb #6bdd7417
 @dataclass
 class DETRCapture:
@@ -215,11 +92,6 @@ def capture_detr(model: nn.Module, image: ExplorerImage) -> DETRCapture:
     return DETRCapture(stack('encoder'), stack('decoder'), boxes[:, 0], scores, labels, hw['hw'], stride, out)
 
 # %% ../nbs/40_explore_detr.ipynb #1f69da37
-def head_map(rows: Tensor, # (M, HW) one row of attention per head
-             head: int|None, # None: the mean over heads
-            ) -> Tensor: # (HW,)
-    return rows.mean(0) if head is None else rows[head]
-
 def encoder_map(cap: DETRCapture, layer: int, y: int, x: int, head: int|None=None) -> Tensor: # (H, W)
     "Where feature pixel (y, x) looks in encoder layer `layer`."
     H, W = cap.feature_hw
@@ -227,156 +99,79 @@ def encoder_map(cap: DETRCapture, layer: int, y: int, x: int, head: int|None=Non
 
 def decoder_map(cap: DETRCapture, layer: int, query: int, head: int|None=None) -> Tensor: # (H, W)
     "Where object query `query` looks in decoder layer `layer`."
-    return head_map(cap.dec_attn[layer][:, query], head).view(*cap.feature_hw)
-
-def argmax2d(a: Tensor) -> tuple[int, int]:
-    "(row, column) of the largest entry of a 2-D tensor."
-    i = int(a.argmax())
-    return i // a.shape[1], i % a.shape[1]
-
-# %% ../nbs/40_explore_detr.ipynb #72e0a9ad
-def interactive_backend() -> bool:
-    "True under ipympl (`%matplotlib widget`), where the canvas is a widget and receives clicks."
-    return 'ipympl' in matplotlib.get_backend() or 'widget' in matplotlib.get_backend()
-
-def new_figure(figsize: tuple) -> Figure:
-    if interactive_backend():
-        import matplotlib.pyplot as plt
-        with plt.ioff(): return plt.figure(figsize=figsize)
-    return Figure(figsize=figsize)
-
-def panel_rows(fig: Figure, aspect: float, # image height / width
-               counts: list[int], # panels per row
-               width: float=13, # figure width in inches
-               title_room: float=0.3): # inches above each row for the titles
-    "Rows of image panels, the figure sized so that every panel keeps the image's aspect ratio."
-    heights = [width / n * aspect for n in counts]
-    fig.set_size_inches(width, sum(heights) + title_room * len(counts))
-    gs = fig.add_gridspec(len(counts), 1, height_ratios=heights, hspace=title_room / np.mean(heights),
-                          left=0.003, right=0.997, bottom=0.003, top=1 - title_room / fig.get_figheight())
-    return [list(gs[i].subgridspec(1, n, wspace=0.02).subplots(squeeze=False)[0]) for i, n in enumerate(counts)]
-
-def overlay(ax, rgb: np.ndarray, # (h, w, 3) the image
-            amap: Tensor|None, # (H, W) a map on the feature grid, or None
-            stride: float, # image pixels per feature cell
-            alpha: float=0.6):
-    "The image with a feature-grid map on top, each cell covering its stride x stride pixels."
-    ax.imshow(rgb)
-    if amap is not None:
-        H, W = amap.shape
-        ax.imshow(amap.numpy(), cmap='inferno', alpha=alpha, extent=(0, W * stride, H * stride, 0), interpolation='nearest')
-    ax.set_xlim(0, rgb.shape[1]); ax.set_ylim(rgb.shape[0], 0); ax.set_xticks([]); ax.set_yticks([])
-
-def box_to_pixels(box: Tensor, # (4,) cxcywh in [0, 1]
-                  hw: tuple) -> list: # (x0, y0, x1, y1) in image pixels
-    h, w = hw
-    return (box_cxcywh_to_xyxy(box) * torch.tensor([w, h, w, h])).tolist()
-
-def draw_box(ax, xyxy, color='lime', lw=2, ls='-', label=None):
-    x0, y0, x1, y1 = xyxy
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=color, lw=lw, ls=ls))
-    if label: ax.text(x0, y0, label, color='black', fontsize=8, va='bottom', bbox=dict(fc=color, alpha=.8, pad=1, lw=0))
-
-# %% ../nbs/40_explore_detr.ipynb #b9b55bc8
-class ExplorerBase:
-    "Controls + a figure redrawn on every change; subclasses define `controls` and `draw()`."
-    figsize = (12, 6.4)
-    def _setup(self):
-        self.fig = new_figure(self.figsize)
-        self.fig.canvas.mpl_connect('button_press_event', self.on_click)
-        self.out, self.shown = widgets.Output(), {}
-        for c in self.controls.values(): c.observe(self._changed, names='value')
-        self.draw()
-
-    def _changed(self, change=None):
-        if getattr(self, '_holding', False): return      # several controls are being set together: draw once, after
-        self.draw(); self._show()
-
-    def _show(self):
-        if interactive_backend(): self.fig.canvas.draw_idle(); return
-        from IPython import get_ipython
-        from IPython.display import clear_output, display
-        if getattr(get_ipython(), 'kernel', None) is None: return   # no live kernel (a script, nbdev-test): nothing to update
-        with self.out: clear_output(wait=True); display(self.fig)
-
-    @property
-    def widget(self) -> widgets.Widget:
-        "The controls above the figure."
-        view = self.fig.canvas if interactive_backend() else self.out
-        return widgets.VBox([widgets.HBox(list(self.controls.values()), layout=widgets.Layout(flex_flow='row wrap')), view])
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget); self._show()
-
-    def on_click(self, event): pass
-    def value(self, name: str): return self.controls[name].value
-    @property
-    def head(self) -> int|None:
-        "The head chosen in the 'head' control; None for the mean of the heads."
-        return None if self.value('head') < 0 else self.value('head')
-
-# %% ../nbs/40_explore_detr.ipynb #00d2469a
-def head_options(M: int) -> list: return [('mean of heads', -1)] + [(f'head {m}', m) for m in range(M)]
-
-def query_options(scores: Tensor, labels: Tensor, names: dict) -> list:
-    "Dropdown options (text, query index), most confident first."
-    order = scores.argsort(descending=True).tolist()
-    return [(f'query {q}: {names.get(int(labels[q]), f"class {int(labels[q])}")} ({float(scores[q]):.2f})', q) for q in order]
+    return head_map(cap.dec_attn[layer][:, query], head).view(*cap.feature_hw)   # (M, HW) -> (HW,) -> (H, W)
 
 # %% ../nbs/40_explore_detr.ipynb #49c2a93d
 class DETRExplorer(ExplorerBase):
     "DETR: encoder self-attention of a chosen pixel; decoder cross-attention of each query, with its box; per head and averaged."
     def __init__(self, model: nn.Module|LoadedModel, image=None, size: int|None=None, names: dict|None=None,
                  capture=None): # a capture of this model on this image, to reuse
-        lm = model if isinstance(model, LoadedModel) else LoadedModel(model, 'detr', 'given')
+        self.lm = lm = as_loaded(model, 'detr')
         self.names = names if names is not None else lm.names
         self.image = image if isinstance(image, ExplorerImage) else load_image(image, size or lm.image_size or 384)
         self.cap = cap = capture if capture is not None else capture_detr(lm.model, self.image)
         (H, W), (Le, M), Ld = cap.feature_hw, cap.enc_attn.shape[:2], cap.dec_attn.shape[0]
-        I = lambda v, hi, d: widgets.IntSlider(v, 0, hi, description=d, continuous_update=False)
         self.controls = dict(
-            enc_layer=I(Le - 1, Le - 1, 'enc layer'), row=I(H // 2, H - 1, 'row'), col=I(W // 2, W - 1, 'column'),
-            dec_layer=I(Ld - 1, Ld - 1, 'dec layer'),
-            query=widgets.Dropdown(options=query_options(cap.scores[-1], cap.labels[-1], self.names), description='query'),
-            head=widgets.Dropdown(options=head_options(M), value=-1, description='head'))
+            enc_layer=slider(Le - 1, Le - 1, 'enc layer'), row=slider(H // 2, H - 1, 'row'), col=slider(W // 2, W - 1, 'column'),
+            dec_layer=slider(Ld - 1, Ld - 1, 'dec layer'),
+            query=dropdown(query_options(cap.scores[-1], cap.labels[-1], self.names), 'query'),
+            head=dropdown(head_options(M), 'head', -1))
         self._setup()
 
 # %% ../nbs/40_explore_detr.ipynb #3ec6a413
-def _draw_encoder(self: DETRExplorer, ax):
+@patch
+def draw_encoder(self: DETRExplorer, ax, cax):
     y, x, layer = self.value('row'), self.value('col'), self.value('enc_layer')
     amap, s = encoder_map(self.cap, layer, y, x, self.head), self.cap.stride
-    overlay(ax, self.image.rgb, amap, s)
-    ax.plot([(x + .5) * s], [(y + .5) * s], '+', color='red', ms=14, mew=3)
+    colorbar(overlay(ax, self.image.rgb, amap, s), cax)
+    ax.plot([(x + .5) * s], [(y + .5) * s], '+', color='cyan', ms=14, mew=3)
     head = 'mean of heads' if self.head is None else f'head {self.head}'
-    ax.set_title(f'encoder layer {layer}, {head}: pixel (row {y}, col {x}) attends to', fontsize=9)
+    ax.set_title(f'encoder layer {layer}, {head}\nwhere pixel (row {y}, col {x}) looks', fontsize=10)
     self.shown.update(pixel=(y, x), enc_map=amap, enc_argmax=argmax2d(amap))
 
-def _draw_decoder(self: DETRExplorer, ax, axes_heads):
+@patch
+def draw_decoder(self: DETRExplorer, ax, cax):
     q, layer, cap = self.value('query'), self.value('dec_layer'), self.cap
     amap, box = decoder_map(cap, layer, q, self.head), box_to_pixels(cap.boxes[layer, q], self.image.rgb.shape[:2])
-    overlay(ax, self.image.rgb, amap, cap.stride)
+    colorbar(overlay(ax, self.image.rgb, amap, cap.stride), cax)
     label = self.names.get(int(cap.labels[layer, q]), f'class {int(cap.labels[layer, q])}')
     draw_box(ax, box, label=f'{label} {float(cap.scores[layer, q]):.2f}')
-    ax.set_title(f'decoder layer {layer}, query {q}: cross-attention and its box', fontsize=9)
-    M = cap.dec_attn.shape[1]
-    for h, a in zip([None] + list(range(M)), axes_heads):
-        overlay(a, self.image.rgb, decoder_map(cap, layer, q, h), cap.stride, alpha=0.75)
-        draw_box(a, box, lw=1)
-        a.set_title(f'query {q}: ' + ('mean of heads' if h is None else f'head {h}'), fontsize=8)
-    self.shown.update(query=q, dec_layer=layer, box=box, dec_map=amap, dec_argmax=argmax2d(amap), heads_drawn=M)
+    head = 'mean of heads' if self.head is None else f'head {self.head}'
+    ax.set_title(f'decoder layer {layer}, {head}\nwhere query {q} looks, and its box', fontsize=10)
+    self.shown.update(query=q, dec_layer=layer, box=box, dec_map=amap, dec_argmax=argmax2d(amap))
 
-def _draw(self: DETRExplorer):
+# %% ../nbs/40_explore_detr.ipynb #e5f6a7b8
+HEADS_PER_ROW = 5
+
+@patch
+def draw_heads(self: DETRExplorer, axes: list, bars: list):
+    "The selected query's map in every head and their mean, on one colour scale."
+    q, layer, cap = self.value('query'), self.value('dec_layer'), self.cap
+    maps = [decoder_map(cap, layer, q, h) for h in [None] + list(range(cap.dec_attn.shape[1]))]
+    vmax, box = float(torch.stack(maps).max()), box_to_pixels(cap.boxes[layer, q], self.image.rgb.shape[:2])
+    for i, (ax, amap) in enumerate(zip(axes, maps)):
+        im = overlay(ax, self.image.rgb, amap, cap.stride, alpha=0.75, vmax=vmax)
+        draw_box(ax, box, lw=1)
+        ax.set_title(f'query {q}, mean' if i == 0 else f'head {i - 1}', fontsize=9)
+    for ax in axes[len(maps):]: ax.set_visible(False)
+    for b in bars: colorbar(im, b)
+    self.shown.update(heads_drawn=len(maps) - 1, heads_vmax=vmax)
+
+@patch
+def draw(self: DETRExplorer):
     self.fig.clear()
     M, (h, w) = self.cap.dec_attn.shape[1], self.image.rgb.shape[:2]
-    (ax_enc, ax_dec), axes_heads = panel_rows(self.fig, h / w, [2, M + 1])
-    self.ax_enc, self.ax_dec = ax_enc, ax_dec
-    _draw_encoder(self, ax_enc); _draw_decoder(self, ax_dec, axes_heads)
-
-DETRExplorer.draw = _draw
+    n = -(-(M + 1) // HEADS_PER_ROW)                                   # rows of heads
+    rows, bars = panel_rows(self.fig, h / w, [2] + [min(M + 1, HEADS_PER_ROW)] * n, ['each'] + ['row'] * n,
+                            title_room=[0.48] + [0.26] * n)
+    self.ax_enc, self.ax_dec = rows[0]
+    self.draw_encoder(self.ax_enc, bars[0][0]); self.draw_decoder(self.ax_dec, bars[0][1])
+    self.draw_heads([a for r in rows[1:] for a in r], [b for r in bars[1:] for b in r])
+    weights_banner(self.fig, self.lm)
 
 # %% ../nbs/40_explore_detr.ipynb #65be4837
-def _on_click(self: DETRExplorer, event):
+@patch
+def on_click(self: DETRExplorer, event):
     if event.inaxes is None or event.xdata is None: return
     x, y = event.xdata, event.ydata
     if event.inaxes is self.ax_enc:
@@ -384,8 +179,7 @@ def _on_click(self: DETRExplorer, event):
         self.controls['row'].value = min(int(y // self.cap.stride), H - 1)
         self.controls['col'].value = min(int(x // self.cap.stride), W - 1)
     elif event.inaxes is self.ax_dec:
+        hw = self.image.rgb.shape[:2]
         hits = [q for _, q in self.controls['query'].options
-                if (b := box_to_pixels(self.cap.boxes[self.value('dec_layer'), q], self.image.rgb.shape[:2]))[0] <= x <= b[2] and b[1] <= y <= b[3]]
+                if (b := box_to_pixels(self.cap.boxes[self.value('dec_layer'), q], hw))[0] <= x <= b[2] and b[1] <= y <= b[3]]
         if hits: self.controls['query'].value = hits[0]
-
-DETRExplorer.on_click = _on_click

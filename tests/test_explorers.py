@@ -6,17 +6,23 @@ programmatically (`.value`, as a person moving a slider would), and what the fig
 checked against the capture. The captured attention is checked against a recomputation from the
 modules' own weights on the fixture's padded two-image batch, and the hooks are shown to leave
 the model's outputs unchanged. Models also load from a training checkpoint and from an
-official-format checkpoint file.
+official-format checkpoint file. What a person sees is checked too: the figure fits a notebook
+column, every panel keeps the image's shape, every attention map has a colour bar, random weights
+are written on the figure, the picture is a PNG that changes with the controls whatever matplotlib
+backend is active, and under ipympl the canvas is the widget and takes clicks. The browser itself
+is tests/test_lab_browser.py.
 """
+import subprocess, sys
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib.backend_bases import MouseEvent
 
-from detr_explained.explore_detr import (AttentionRecorder, DETRExplorer, ExplorerImage, LoadedModel, argmax2d,
-                                         box_to_pixels, decoder_map, detr_attention_modules, encoder_map, load_image,
-                                         load_model, mha_weights_by_hand)
+from detr_explained.explore_base import (FIG_DPI, FIG_WIDTH, ExplorerImage, LoadedModel, argmax2d, box_to_pixels,
+                                         default_source, load_image, load_model)
+from detr_explained.explore_detr import (AttentionRecorder, DETRExplorer, decoder_map, detr_attention_modules, encoder_map,
+                                         mha_weights_by_hand)
 
 
 def _click(ex, ax, x, y):
@@ -234,3 +240,98 @@ def test_explorer_on_an_official_format_checkpoint(tmp_path, official_fixture):
     assert isinstance(lm, LoadedModel) and lm.family == 'dab_detr'
     with torch.no_grad(): out = lm.model(fx['inputs']['tensors'], fx['inputs']['mask'])
     torch.testing.assert_close(out['pred_boxes'], fx['outputs']['pred_boxes'], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ what a person sees
+def _explorers(models, image):
+    from detr_explained.explore_dab import DABExplorer
+    from detr_explained.explore_deformable import DeformableExplorer
+    return {'detr': DETRExplorer(models('detr'), image), 'deformable_detr': DeformableExplorer(models('deformable_detr'), image),
+            'dab_detr': DABExplorer(models('dab_detr'), image)}
+
+
+def test_figures_fit_a_column_keep_the_image_shape_and_say_random_weights(models, image):
+    aspect = image.rgb.shape[0] / image.rgb.shape[1]
+    for family, ex in _explorers(models, image).items():
+        W, H = ex.fig.get_size_inches()
+        assert W * FIG_DPI == pytest.approx(880) and W == FIG_WIDTH, family
+        panels = [ax for ax in ex.fig.axes if ax.images and ax.get_visible()]
+        assert len(panels) >= 4, family
+        for ax in panels:                                             # no squeezing: each panel has the image's shape
+            x0, y0, w, h = ax.get_position().bounds
+            assert h * H / (w * W) == pytest.approx(aspect, rel=1e-6), family
+            assert ax.title.get_fontsize() >= 9, family                # readable at 100 % zoom
+        texts = [t.get_text() for t in ex.fig.texts]
+        assert any('random weights' in t for t in texts), (family, texts)
+        bars = [ax for ax in ex.fig.axes if hasattr(ax, '_colorbar')]
+        maps = [ax for ax in panels if len(ax.images) > 1]             # an attention map drawn over the photo
+        if family == 'deformable_detr':
+            assert maps == [] and ex.ax_enc.get_legend().get_title().get_text() == 'attention weight'
+        else:
+            heads_rows = -(-(ex.cap.dec_attn.shape[1] + 1 if family == 'detr' else ex.cap.maps['position'].shape[1] + 1) // 5)
+            big = 2 if family == 'detr' else 3
+            assert len(maps) > big and len(bars) == big + heads_rows + (family == 'dab_detr'), family   # DAB: the layer bar
+            for ax in maps:                                                # one colour bar per big map, one per head row
+                assert any(b.get_position().y0 == pytest.approx(ax.get_position().y0) and
+                           b.get_position().x0 > ax.get_position().x0 for b in bars), family
+
+
+def test_the_picture_is_a_png_that_follows_the_controls(models, image):
+    from PIL import Image
+    import io
+    ex = DETRExplorer(models('detr'), image)
+    assert ex.view.value == b''                                        # nothing rendered while not on screen
+    bundle = ex._repr_mimebundle_()
+    assert {'image/png', 'application/vnd.jupyter.widget-view+json'} <= set(bundle)
+    first = ex.view.value
+    w, h = Image.open(io.BytesIO(first)).size
+    assert w == 880 and abs(h - ex.fig.get_size_inches()[1] * FIG_DPI) <= 1             # the figure's own size, uncropped
+    ex.controls['row'].value = 0
+    assert ex.view.value != first
+    opts = ex.controls['query'].options                                # no option wider than its dropdown
+    assert ex.controls['query'].layout.width == f"{len('query') + max(len(t) for t, _ in opts) + 8}ch"
+    assert ex.picture().data[:4] == b'\x89PNG'
+
+
+def test_random_weights_without_the_shared_folder(tmp_path, image):
+    "A reader with no ../shared and no download gets random weights, and the figure says so."
+    env = {'DETR_EXPLAINED_SHARED': str(tmp_path/'none'), 'DETR_EXPLAINED_CACHE': str(tmp_path/'cache')}
+    code = """
+from detr_explained.explore_base import default_source, load_model, load_image
+from detr_explained.explore_dab import DABExplorer
+assert default_source('dab_detr') == 'random', default_source('dab_detr')
+lm = load_model(family='dab_detr')
+ex = DABExplorer(lm, load_image(size=96))
+texts = [t.get_text() for t in ex.fig.texts]
+assert lm.random_weights and any('random weights (untrained)' in t for t in texts), texts
+print('ok', ex.image.name)
+"""
+    import os
+    r = subprocess.run([sys.executable, '-c', code], env={**os.environ, **env, 'OMP_NUM_THREADS': '1'}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and 'ok synthetic' in r.stdout, r.stderr[-2000:]
+
+
+def test_ipympl_canvas_is_the_widget_and_takes_clicks(official_dir):
+    "Under `%matplotlib widget` the figure is an ipympl canvas (a widget) and a click on it moves the pixel."
+    pytest.importorskip('ipympl')
+    code = """
+import matplotlib; matplotlib.use('module://ipympl.backend_nbagg')
+import ipywidgets
+from matplotlib.backend_bases import MouseEvent
+from detr_explained.explore_base import load_model, load_image
+from detr_explained.explore_detr import DETRExplorer
+ex = DETRExplorer(load_model('fixture', 'detr'), load_image(size=128, max_size=192))
+assert ex.view is ex.fig.canvas and isinstance(ex.fig.canvas, ipywidgets.DOMWidget), type(ex.fig.canvas)
+assert ex.fig.canvas in ex.widget.children
+ex.fig.canvas.draw()
+s = ex.cap.stride
+px, py = ex.ax_enc.transData.transform((1.5 * s, 0.5 * s))
+ex.fig.canvas.callbacks.process('button_press_event', MouseEvent('button_press_event', ex.fig.canvas, px, py, button=1))
+assert ex.shown['pixel'] == (0, 1), ex.shown['pixel']
+print('ok')
+"""
+    import os
+    r = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': ''},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-2000:]

@@ -21,6 +21,7 @@ FLOORS = [
     ['data', 'synthetic'],
     ['train', 'evaluate'],
     ['hub', 'coco_subset'],
+    ['explore_base'],
     ['explore_detr', 'explore_deformable', 'explore_dab'],
     ['cli'],
 ]
