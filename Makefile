@@ -68,7 +68,8 @@ $(KERNEL_JSON): $(VENV)/.installed tools/kernelspec.py
 	$(BIN)/python tools/kernelspec.py install
 
 lab: setup $(KERNEL_JSON)
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) nbs/00_index.ipynb
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
+	  $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True) nbs/00_index.ipynb
 
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

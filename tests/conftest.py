@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from detr_explained.core import shared_dir, load_official_fixture
+from lab_server import lab_server, lab_browser  # noqa: F401  (JupyterLab + Chromium fixtures, tests/lab_server.py)
 
 
 def _need(path: Path, what: str) -> Path:

@@ -50,7 +50,8 @@ def close(name: str, ours, ref, atol: float=ATOL, rtol: float=0.0, max_rtol: flo
         assert a.dtype == b.dtype, f'{name}: dtype {a.dtype} != reference {b.dtype}'
         if not torch.equal(a, b):
             idx = (a != b).nonzero()[0].tolist()
-            raise AssertionError(f'{name}: {int((a != b).sum())} of {a.numel()} elements differ (integers must be equal), '
+            raise AssertionError(f'{name}: {int((a != b).sum())} of {a.numel()} elements differ '
+                                 '(integers must be equal), '
                                  f'first at {idx}: {a[tuple(idx)].item()} != reference {b[tuple(idx)].item()}')
         return
     if a.numel() == 0: return
@@ -66,4 +67,5 @@ def close(name: str, ours, ref, atol: float=ATOL, rtol: float=0.0, max_rtol: flo
         raise AssertionError(
             f'{name}: {int(bad.sum())} of {a.numel()} elements off, max |ours - ref| = {diff[idx].item():.3g} '
             f'at {list(idx)} (ours {a[idx].item():.6g}, reference {b[idx].item():.6g}); '
-            f'tolerance atol={atol:g} rtol={rtol:g} max_rtol={max_rtol:g} -> {tol[idx].item():.3g} there, shape {tuple(a.shape)}')
+            f'tolerance atol={atol:g} rtol={rtol:g} max_rtol={max_rtol:g} -> {tol[idx].item():.3g} there, '
+            f'shape {tuple(a.shape)}')

@@ -39,7 +39,8 @@ def git_status(repo: Path) -> str:
 
 def make(repo: Path, *targets, **variables):
     v = {'VENV': str(VENV), **variables}
-    cmd = ['make', '--no-print-directory', '-o', f'{v["VENV"]}/.installed', *[f'{k}={x}' for k, x in v.items()], *targets]
+    cmd = ['make', '--no-print-directory', '-o', f'{v["VENV"]}/.installed',
+           *[f'{k}={x}' for k, x in v.items()], *targets]
     return _run(cmd, repo, env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 def commit(repo: Path, msg: str):
@@ -110,8 +111,10 @@ def test_docs_build_fails_on_a_broken_notebook_and_names_it(tmp_path):
     (nbs/'00_first.ipynb').write_text(_nb('print("first notebook ran")'))
     (nbs/'01_flags.ipynb').write_text(_nb(   # what nbdev-test skips is skipped here too
         '#| slow\nraise RuntimeError("a slow cell ran")', '#| notest\nraise RuntimeError("a notest cell ran")',
-        '#| eval: false\nraise RuntimeError("an eval: false cell ran")', 'import os; print("IN_TEST", os.environ["IN_TEST"])'))
-    (nbs/'02_broken.ipynb').write_text(_nb('x = 1', 'raise ValueError("deliberately broken notebook")', 'print("after")'))
+        '#| eval: false\nraise RuntimeError("an eval: false cell ran")',
+        'import os; print("IN_TEST", os.environ["IN_TEST"])'))
+    (nbs/'02_broken.ipynb').write_text(_nb('x = 1', 'raise ValueError("deliberately broken notebook")',
+                                           'print("after")'))
     r = _run([sys.executable, 'docs/build.py', '--no-cache', '--jobs', '2'], repo,
              env={**os.environ, 'OMP_NUM_THREADS': '1'})
     out = r.stdout + r.stderr

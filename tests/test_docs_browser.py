@@ -12,7 +12,8 @@ It saves screenshots of the home page and of one page per model family to
 docs/_build/screenshots/.
 
 The site is (re)built first when it is missing or older than a notebook, a library module or the
-docs sources (`make docs` normally leaves it fresh; `DETR_EXPLAINED_DOCS_AS_BUILT=1` tests it as it is). Without chromium the test skips, except
+docs sources (`make docs` normally leaves it fresh; `DETR_EXPLAINED_DOCS_AS_BUILT=1` tests it as it is).
+Without chromium the test skips, except
 under CI (`CI=true`) or `DETR_EXPLAINED_REQUIRE_BROWSER=1`, where it fails.
 """
 import functools, http.server, json, os, re, shutil, subprocess, sys, threading, time
@@ -114,7 +115,8 @@ return {
   output_imgs: imgs.length,
   broken_imgs: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
   all_imgs_ok: [...document.images].every(i => i.complete && (i.naturalWidth > 0 || i.src === '')),
-  sidebar: [...document.querySelectorAll('.bd-sidebar-primary nav a.reference.internal')].map(a => a.getAttribute('href')),
+  sidebar: [...document.querySelectorAll('.bd-sidebar-primary nav a.reference.internal')]
+           .map(a => a.getAttribute('href')),
   next: (document.querySelector('a.right-next') || {}).href || null,
   h1: (main.querySelector('h1') || {}).textContent || null,
 };
@@ -145,7 +147,8 @@ def _load(drv, url: str) -> dict:
         msg = json.loads(e['message'])['message']
         if msg.get('method') == 'Network.requestWillBeSent':
             u = msg['params']['request']['url']
-            if u.startswith(('http:', 'https:', 'ws:', 'wss:', 'ftp:', '//')) and not u.startswith(base): outside.append(u)
+            if u.startswith(('http:', 'https:', 'ws:', 'wss:', 'ftp:', '//')) and not u.startswith(base):
+                outside.append(u)
     facts['outside_requests'] = outside
     return facts
 
@@ -162,7 +165,8 @@ def _has_math(markdown: str) -> bool:
     "True if the markdown holds $...$ or $$...$$ outside code (`$HOME` in backticks is not maths)."
     text = re.sub(r'```.*?```', '', markdown, flags=re.S)
     text = re.sub(r'`[^`]*`', '', text)
-    return bool(re.search(r'\$\$.+?\$\$|\$[^\s$]([^$\n]*?[^\s$])?\$', text, flags=re.S))  # as MyST's dollarmath: no space inside
+    # as MyST's dollarmath: no space just inside the dollars
+    return bool(re.search(r'\$\$.+?\$\$|\$[^\s$]([^$\n]*?[^\s$])?\$', text, flags=re.S))
 
 def _page(name: str) -> str: return 'index.html' if name == course_notebooks()[0] else f'{name}.html'
 
@@ -181,11 +185,14 @@ def test_every_page_loads_typesets_and_shows_its_figures(site, browser):
         summary.append(f'{name}: {f["output_imgs"]} figures, {f["typeset"]}/{f["maths"]} formulas typeset')
         if f['console_errors']: problems.append(f'{name}: console errors {f["console_errors"]}')
         if f['outside_requests']: problems.append(f'{name}: requests outside the site {f["outside_requests"]}')
-        if f['maths'] and f['mathjax'] != 'ok': problems.append(f'{name}: MathJax {f["mathjax"]}')   # pages without maths load no MathJax
+        if f['maths'] and f['mathjax'] != 'ok':                    # pages without maths load no MathJax
+            problems.append(f'{name}: MathJax {f["mathjax"]}')
         if f['typeset'] != f['maths']: problems.append(f'{name}: formulas left as TeX {f["untypeset"]}')
         if f['math_errors']: problems.append(f'{name}: {f["math_errors"]} MathJax errors')
-        if n_math_cells and not f['maths']: problems.append(f'{name}: {n_math_cells} markdown cells with $ but no formula on the page')
-        if f['output_imgs'] != n_imgs: problems.append(f'{name}: {f["output_imgs"]} figures on the page, {n_imgs} in the notebook')
+        if n_math_cells and not f['maths']:
+            problems.append(f'{name}: {n_math_cells} markdown cells with $ but no formula on the page')
+        if f['output_imgs'] != n_imgs:
+            problems.append(f'{name}: {f["output_imgs"]} figures on the page, {n_imgs} in the notebook')
         if f['broken_imgs'] or not f['all_imgs_ok']: problems.append(f'{name}: images not loaded {f["broken_imgs"]}')
         if not f['h1']: problems.append(f'{name}: no title')
     print('\n'.join(summary))
@@ -197,7 +204,8 @@ def test_navigation_reaches_every_notebook_in_course_order(site, browser):
     home = _load(browser, f'{site}/index.html')
     sidebar = [h.split('#')[0] for h in home['sidebar']]
     expected = [_page(n) for n in names[1:]]
-    assert [h for h in sidebar if h not in ('', 'index.html')] == expected, f'sidebar {sidebar} != course order {expected}'
+    in_sidebar = [h for h in sidebar if h not in ('', 'index.html')]
+    assert in_sidebar == expected, f'sidebar {sidebar} != course order {expected}'
     visited, url = [], home['next']
     while url and len(visited) <= len(names):  # follow "next" from the home page to the last notebook
         visited.append(url.rsplit('/', 1)[-1])

@@ -41,7 +41,7 @@ def test_dicts_and_sequences_name_the_key():
     with pytest.raises(AssertionError, match=r"losses\['aux'\]\[0\]\[1\]: 1 of 1 elements off"):
         close('losses', {'loss_ce': torch.tensor(1.0), 'aux': [(torch.tensor([0]), torch.tensor([1.5]))]}, ref)
     with pytest.raises(AssertionError, match='keys'):
-        close('losses', {'aux': ref['aux'], 'loss_ce': torch.tensor(1.0)}, ref)          # order matters (the total sums in it)
+        close('losses', {'aux': ref['aux'], 'loss_ce': torch.tensor(1.0)}, ref)   # order matters (the total sums in it)
     with pytest.raises(AssertionError, match='1 items, the reference has 2'):
         close('aux_outputs', [torch.zeros(1)], [torch.zeros(1)] * 2)
 

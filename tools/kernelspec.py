@@ -1,6 +1,7 @@
 """The course's Jupyter kernel, and the notebooks that name it (so JupyterLab opens them without a "Select Kernel" dialog).
 
     .venv/bin/python tools/kernelspec.py install      # register the kernel `detr-explained` in this venv (make lab)
+    .venv/bin/python tools/kernelspec.py install --prefix DIR   # ... under DIR/share/jupyter instead (the lab tests)
     .venv/bin/python tools/kernelspec.py notebooks    # write its kernelspec into the metadata of every nbs/*.ipynb
     .venv/bin/python tools/kernelspec.py check        # exit 1 naming each notebook that lacks it (a test runs this)
 
@@ -25,8 +26,9 @@ _LAUNCH = ("import os; os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE'); "
 
 def install(prefix: str = sys.prefix) -> Path:
     "Register the kernel in `prefix`/share/jupyter/kernels/detr-explained; returns its kernel.json."
-    subprocess.run([sys.executable, '-m', 'ipykernel', 'install', '--prefix', prefix, '--name', NAME,
-                    '--display-name', DISPLAY_NAME], check=True, stdout=subprocess.DEVNULL)
+    r = subprocess.run([sys.executable, '-m', 'ipykernel', 'install', '--prefix', prefix, '--name', NAME,
+                        '--display-name', DISPLAY_NAME], capture_output=True, text=True)
+    if r.returncode: sys.exit(f'ipykernel install --prefix {prefix} failed:\n{r.stderr}')
     path = Path(prefix)/'share'/'jupyter'/'kernels'/NAME/'kernel.json'
     spec = json.loads(path.read_text())
     spec['argv'] = [sys.executable, '-c', _LAUNCH, '-f', '{connection_file}']
@@ -58,7 +60,12 @@ def missing() -> list[str]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else ''
-    if cmd == 'install': install()
+    if cmd == 'install':
+        if argv[1:2] == ['--prefix'] and len(argv) == 3: install(argv[2])
+        elif len(argv) == 1: install()
+        else:
+            print(f'tools/kernelspec.py install: expected nothing or --prefix PATH, got {" ".join(argv[1:])}', file=sys.stderr)
+            sys.exit(2)
     elif cmd == 'notebooks':
         changed = [p.name for p in notebooks() if set_kernelspec(p)]
         print(f'kernelspec {NAME!r} set in {len(changed)} notebook(s): {" ".join(changed) or "(all had it)"}')
