@@ -12,7 +12,7 @@ FLOORS = [
     ['box_ops'],
     ['position_encoding'],
     ['backbone'],
-    ['transformer', 'ms_deform_attn', 'dab_anchors'],
+    ['transformer', 'ms_deform_attn_fast', 'ms_deform_attn', 'dab_anchors'],
     ['deformable_transformer', 'dab_transformer'],
     ['matcher'],
     ['criterion'],
