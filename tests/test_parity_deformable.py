@@ -14,6 +14,9 @@ from detr_explained.deformable_detr import (VARIANTS, DeformableDETR, Deformable
                                             build_model, config_from_args, preset)
 from detr_explained.ms_deform_attn import (MSDA_IMPLS, MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_reference,
                                            set_ms_deform_attn_impl)
+import detr_explained.ms_deform_attn as msda_module
+import detr_explained.ms_deform_attn_fast as msda_fast
+from detr_explained.ms_deform_attn_fast import FAST_KERNELS, ms_deform_attn_core_fast
 from detr_explained.official import from_official, official_criterion, official_postprocess
 from parity import close
 
@@ -52,45 +55,81 @@ def test_core_matches_official(core_fx, case_idx, impl):
         close(f"{impl} {case['name']} {key}", got, case[key], atol=1e-5, rtol=1e-5)
 
 
-def random_inputs(dtype, seed, N=2, shapes=((6, 8), (3, 4), (2, 2), (1, 1)), Lq=7, M=4, D=8, P=3, lo=-0.4, hi=1.4):
+def random_inputs(dtype, seed, B=2, shapes=((6, 8), (3, 4), (2, 2), (1, 1)), Q=7, M=4, D=8, P=3, lo=-0.4, hi=1.4):
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(shapes)
     S, L = int(shapes.prod(1).sum()), len(shapes)
-    value = torch.randn(N, S, M, D, generator=g, dtype=dtype)
-    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=dtype) * (hi - lo) + lo
+    value = torch.randn(B, S, M, D, generator=g, dtype=dtype)
+    loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=dtype) * (hi - lo) + lo
     loc[0, 0, 0, 0, :3, 0] = torch.tensor([0., 1., -1 / 16], dtype=dtype)[:P]  # exact borders, half a pixel outside
-    attn = torch.rand(N, Lq, M, L * P, generator=g, dtype=dtype).softmax(-1).view(N, Lq, M, L, P)
+    loc[-1, 0, 0, 0, 0] = 1e20                                                 # absurdly far: no index overflow
+    attn = torch.rand(B, Q, M, L * P, generator=g, dtype=dtype).softmax(-1).view(B, Q, M, L, P)
     return value, shapes, loc, attn
 
 
+def grads_of(core, value, shapes, loc, attn, cot):
+    v, l, a = (t.clone().requires_grad_() for t in (value, loc, attn))
+    out = core(v, shapes, l, a)
+    return (out, *torch.autograd.grad((out * cot).sum(), (v, l, a)))
+
+
+# Q=7 over S=85 tokens is sparse (the gather kernel), Q=200 dense (the canvas kernel): 'fast' takes both
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize('seed', [0, 1])
-def test_fast_equals_reference(dtype, tol, seed):
-    value, shapes, loc, attn = random_inputs(dtype, seed)
-    cot = torch.randn(2, 7, 32, dtype=dtype, generator=torch.Generator().manual_seed(seed + 10))
-    results = {}
-    for impl in MSDA_IMPLS:
-        v, l, a = (t.clone().requires_grad_() for t in (value, loc, attn))
-        out = ms_deform_attn_core(v, shapes, l, a, impl=impl)
-        results[impl] = (out, *torch.autograd.grad((out * cot).sum(), (v, l, a)))
-    close(f'fast vs reference {dtype} (output, 3 gradients)', results['fast'], results['reference'], atol=tol, rtol=tol)
+@pytest.mark.parametrize('seed,Q', [(0, 7), (1, 7), (2, 200)])
+def test_fast_equals_reference(dtype, tol, seed, Q):
+    value, shapes, loc, attn = random_inputs(dtype, seed, Q=Q)
+    cot = torch.randn(2, Q, 32, dtype=dtype, generator=torch.Generator().manual_seed(seed + 10))
+    results = {impl: grads_of(lambda *a, impl=impl: ms_deform_attn_core(*a, impl=impl), value, shapes, loc, attn, cot)
+               for impl in MSDA_IMPLS}
+    for f, r in zip(results['fast'], results['reference']):
+        torch.testing.assert_close(f, r, atol=tol, rtol=tol)
 
 
-def test_fast_gradcheck():
-    value, shapes, loc, attn = random_inputs(torch.float64, 3, N=1, Lq=3, M=2, D=3, P=2)
+@pytest.mark.parametrize('kernel', FAST_KERNELS)
+@pytest.mark.parametrize('Q', [7, 200])
+def test_each_fast_kernel_equals_reference_in_float64(kernel, Q):
+    "Each kernel on its own, in the regime it is chosen for and in the other one: output and all three gradients."
+    value, shapes, loc, attn = random_inputs(torch.float64, 5, Q=Q)
+    cot = torch.randn(2, Q, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ref = grads_of(ms_deform_attn_core_reference, value, shapes, loc, attn, cot)
+    got = grads_of(lambda *a: ms_deform_attn_core_fast(*a, kernel=kernel), value, shapes, loc, attn, cot)
+    for name, f, r in zip(('output',) + GRAD_KEYS, got, ref):
+        torch.testing.assert_close(f, r, atol=1e-10, rtol=1e-10, msg=f'{kernel} {name}')
+
+
+def test_kernel_is_chosen_by_shape(monkeypatch):
+    "Decoder-like inputs (few points per value token) take the gather kernel, encoder-like ones the canvas."
+    chosen = []
+    for name in FAST_KERNELS:
+        cls = {'canvas': 'MSDeformAttnCanvas', 'gather': 'MSDeformAttnGather'}[name]
+        real = getattr(msda_fast, cls)
+        monkeypatch.setattr(msda_fast, cls, type(cls, (), {'apply': staticmethod(lambda *a, name=name, real=real:
+                                                                               chosen.append(name) or real.apply(*a))}))
+    for Q in (7, 200):
+        ms_deform_attn_core_fast(*random_inputs(torch.float32, 0, Q=Q))
+    assert chosen == ['gather', 'canvas']                                 # 7*4*3 < 4*85 <= 200*4*3
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        ms_deform_attn_core_fast(*random_inputs(torch.float32, 0), kernel='cuda')
+
+
+@pytest.mark.parametrize('kernel', FAST_KERNELS)
+def test_fast_gradcheck(kernel):
+    value, shapes, loc, attn = random_inputs(torch.float64, 3, B=1, Q=3, M=2, D=3, P=2)
+    loc = loc.clamp(-0.4, 1.4)
     size = shapes.flip(-1).double()[:, None]                       # keep finite differences off the pixel-centre kinks
     u = loc * size - 0.5
     frac = u - u.floor()
     u = torch.where(frac < 1e-3, u + 2e-3, torch.where(frac > 1 - 1e-3, u - 2e-3, u))
     loc = (u + 0.5) / size
-    f = lambda v, l, a: ms_deform_attn_core(v, shapes, l, a, impl='fast')
+    f = lambda v, l, a: ms_deform_attn_core_fast(v, shapes, l, a, kernel=kernel)
     assert torch.autograd.gradcheck(f, (value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()))
 
 
-def test_fast_only_grads_requested():
+@pytest.mark.parametrize('kernel', FAST_KERNELS)
+def test_fast_only_grads_requested(kernel):
     value, shapes, loc, attn = random_inputs(torch.float32, 4)
     value.requires_grad_()
-    out = ms_deform_attn_core(value, shapes, loc, attn, impl='fast')
+    out = ms_deform_attn_core_fast(value, shapes, loc, attn, kernel=kernel)
     out.sum().backward()
     assert value.grad is not None and loc.grad is None
 
@@ -100,8 +139,35 @@ def test_nonfinite_locations_give_nan_like_the_reference():
     loc[0, 1, 2, 0, 1, 0], loc[1, 2, 0, 1, 0, 1] = float('nan'), float('inf')
     ref = ms_deform_attn_core(value, shapes, loc, attn, impl='reference')
     out = ms_deform_attn_core(value, shapes, loc, attn, impl='fast')
-    close('non-finite locations', out, ref, atol=1e-5, rtol=1.3e-6, equal_nan=True)
+    torch.testing.assert_close(out, ref, equal_nan=True)
     assert out[0, 1].isnan().any() and not out[0, 0].isnan().any()
+
+
+@pytest.mark.parametrize('recorder', ['onnx', 'jit', 'compile'])
+def test_export_tracing_and_compiling_use_the_reference(monkeypatch, recorder):
+    "While ONNX export, torch.jit.trace or torch.compile records the model, the core is grid_sample, whatever impl."
+    predicate = {'onnx': (torch.onnx, 'is_in_onnx_export'), 'jit': (torch.jit, 'is_tracing'),
+                 'compile': (torch.compiler, 'is_compiling')}[recorder]
+    monkeypatch.setattr(*predicate, lambda: True)
+    def no_fast(*a, **k): raise AssertionError('the fast core ran while recording')
+    monkeypatch.setattr(msda_module, 'ms_deform_attn_core_fast', no_fast)
+    value, shapes, loc, attn = random_inputs(torch.float32, 6)
+    torch.testing.assert_close(ms_deform_attn_core(value, shapes, loc, attn, impl='fast'),
+                               ms_deform_attn_core_reference(value, shapes, loc, attn))
+
+
+def test_traced_module_holds_grid_sample_and_matches():
+    import warnings
+    torch.manual_seed(0)
+    m = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    args = (torch.randn(1, 5, 32), torch.rand(1, 5, 2, 2), torch.randn(1, 60, 32), torch.tensor([[6, 8], [3, 4]]),
+            torch.tensor([0, 48]))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                             # TracerWarnings: level sizes fixed in the trace
+        traced = torch.jit.trace(m, args)
+    graph = str(traced.graph)
+    assert 'grid_sampler' in graph and 'embedding_bag' not in graph
+    torch.testing.assert_close(traced(*args), m(*args), atol=1e-5, rtol=1e-5)
 
 
 def test_module_matches_official(core_fx):
