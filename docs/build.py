@@ -53,9 +53,15 @@ PARTS = [(0, 9, 'Foundations and DETR'), (10, 12, 'Deformable DETR'), (13, 18, '
          (30, 39, 'Checkpoints and data'), (40, 49, 'Explorers')]
 
 
+def number(name: str) -> int:
+    "The course number a notebook's name starts with (`10a_ms_deform_attn_fast` -> 10); unnumbered ones go last."
+    m = re.match(r'(\d+)', name)
+    return int(m.group(1)) if m else 10**6
+
 def course_notebooks() -> list[Path]:
-    "nbs/NN_*.ipynb in course order (by number, then name)."
-    return sorted(NBS.glob('[0-9][0-9]_*.ipynb'), key=lambda p: (int(p.name[:2]), p.name))
+    "The notebooks nbdev-test runs (nbs/*.ipynb but `_*`, `.*`), in course order: by number, then name (10_, 10a_)."
+    return sorted((p for p in NBS.glob('*.ipynb') if not p.name.startswith(('_', '.'))),
+                  key=lambda p: (number(p.name), p.name))
 
 
 # ---------------------------------------------------------------- nbdev directives
@@ -203,7 +209,7 @@ def toctree_cell(names: list[str]) -> dict:
     "Markdown cell with one hidden MyST toctree per part of the course (the site's navigation)."
     groups: dict[str, list[str]] = {}
     for n in names:
-        num = int(n[:2])
+        num = number(n)
         cap = next((c for a, b, c in PARTS if a <= num <= b), 'More')
         groups.setdefault(cap, []).append(n)
     blocks = [f'```{{toctree}}\n:caption: {cap}\n:maxdepth: 1\n:hidden:\n\n' + '\n'.join(ns) + '\n```'
@@ -217,13 +223,13 @@ def prepare_all(executed: list[Path]) -> str:
     for p in executed:
         nb = json.loads(p.read_text())
         nb['cells'] = [c for c in (prepare_cell(c) for c in nb['cells']) if c is not None]
-        for i, c in enumerate(nb['cells']): c['id'] = f'cell-{i}'  # nbdev-clean strips ids; nbformat 4.5 wants them
         nb['nbformat'], nb['nbformat_minor'] = 4, 5
         nb['metadata'] = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
                           'language_info': {'name': 'python', 'pygments_lexer': 'ipython3'}}  # widget state dropped
         name = p.stem
         if p == executed[0]:  # the first notebook (00_index) is the home page, index.html, as nbdev names it
             nb['cells'].append(toctree_cell(names[1:])); name = 'index'
+        for i, c in enumerate(nb['cells']): c['id'] = f'cell-{i}'  # nbdev-clean strips ids; nbformat 4.5 wants them
         (SRC/f'{name}.ipynb').write_text(json.dumps(nb, indent=1))
     return 'index'
 

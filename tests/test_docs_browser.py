@@ -44,7 +44,11 @@ def _tool(*names):
     pytest.skip(msg)
 
 def course_notebooks() -> list[str]:
-    return [p.stem for p in sorted((ROOT/'nbs').glob('[0-9][0-9]_*.ipynb'), key=lambda p: (int(p.name[:2]), p.name))]
+    "The notebooks the site shows, in its order (docs/build.py decides: the notebooks nbdev-test runs)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('detr_explained_docs_build', DOCS/'build.py')
+    build = importlib.util.module_from_spec(spec); spec.loader.exec_module(build)
+    return [p.stem for p in build.course_notebooks()]
 
 def _stale() -> bool:
     index = HTML/'index.html'
