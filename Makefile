@@ -10,7 +10,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # every parallel op slow: let them sleep instead.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test export-check nbtest pytest nbtest-slow docs docs-test lint lab bench clean
+.PHONY: setup demo test export-check nbtest nbtest-no-shared pytest nbtest-slow docs docs-test lint lab bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ export-check: setup
 ## Plain nbdev-test (the same cells that `make test` runs in the docs build).
 nbtest: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
+
+## The notebooks as a reader who cloned only the repository runs them: no ../shared (DETR_EXPLAINED_SHARED points
+## to a folder that does not exist), an empty download cache, and no network (every proxy is a closed local port).
+nbtest-no-shared: setup
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	env -u DETR_EXPLAINED_REQUIRE_SHARED DETR_EXPLAINED_SHARED=$$tmp/no-shared DETR_EXPLAINED_CACHE=$$tmp/cache \
+	  XDG_CACHE_HOME=$$tmp/xdg-cache http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 \
+	  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 no_proxy= NO_PROXY= OMP_NUM_THREADS=1 \
+	  $(BIN)/nbdev-test --n-workers 2 --timing
 
 nbtest-slow: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow --timing
