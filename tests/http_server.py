@@ -48,7 +48,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     def _serve(self, body):
         owner = self.server.owner
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        entry = dict(path=path, range=self.headers.get('Range'), if_range=self.headers.get('If-Range'), status=None, start=0, sent=0)
+        entry = dict(path=path, range=self.headers.get('Range'), if_range=self.headers.get('If-Range'),
+                     status=None, start=0, sent=0)
         owner.log.append(entry)
         fault = owner._next_fault(path)
         if fault.status: return self._empty(entry, fault.status)
@@ -75,8 +76,10 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 
     def _listing(self, entry, folder, path, body):
         "An HTML index of a folder, as `python -m http.server` sends."
-        items = ''.join(f'<li><a href="{html.escape(p.name)}">{html.escape(p.name)}</a></li>' for p in sorted(folder.iterdir()))
-        page = f'<!DOCTYPE html>\n<html><head><title>Directory listing for {html.escape(path)}</title></head><body><ul>{items}</ul></body></html>\n'.encode()
+        names = [html.escape(p.name) for p in sorted(folder.iterdir())]
+        items = ''.join(f'<li><a href="{n}">{n}</a></li>' for n in names)
+        page = (f'<!DOCTYPE html>\n<html><head><title>Directory listing for {html.escape(path)}</title></head>'
+                f'<body><ul>{items}</ul></body></html>\n').encode()
         entry['status'] = 200
         self.send_response(200)
         self.send_header('Content-Type', 'text/html; charset=utf-8'); self.send_header('Content-Length', str(len(page)))

@@ -42,7 +42,8 @@ def coco_files(root: Path, ann_ids, size=(64, 48), json_size=None, split='val') 
 
 
 def perfect(d: dict) -> list[dict]:
-    return [{'image_id': a['image_id'], 'category_id': a['category_id'], 'bbox': a['bbox'], 'score': 1.0} for a in d['annotations']]
+    return [{'image_id': a['image_id'], 'category_id': a['category_id'], 'bbox': a['bbox'], 'score': 1.0}
+            for a in d['annotations']]
 
 
 def pycocotools_ap(path: Path) -> float:
@@ -113,8 +114,8 @@ def test_a_huge_category_id_suggests_remapping(tmp_path):
     d = json.loads(ann.read_text()); d['categories'][1]['id'] = 2**31
     for a in d['annotations']: a['category_id'] = 2**31 if a['category_id'] == 2 else 1
     ann.write_text(json.dumps(d))
-    with pytest.raises(DatasetError, match=r'category id 2147483648 would make a classifier with 2147483649 outputs for 2 '
-                                           r'categories; use remap_categories=True \(--remap-categories\)'):
+    with pytest.raises(DatasetError, match=r'category id 2147483648 would make a classifier with 2147483649 outputs '
+                                           r'for 2 categories; use remap_categories=True \(--remap-categories\)'):
         CocoDetection(*find_split(tmp_path, 'val'))
     assert CocoDetection(*find_split(tmp_path, 'val'), remap_categories=True).num_classes == 2
 
@@ -128,8 +129,8 @@ def _phone_photo(path: Path, orientation: int, stored=(80, 60)):
     im.save(path, exif=exif)
 
 
-@pytest.mark.parametrize('orientation, shown, red_at', [(1, (80, 60), (2, 2)), (3, (80, 60), (77, 57)), (6, (60, 80), (57, 2)),
-                                                        (8, (60, 80), (2, 77))])
+@pytest.mark.parametrize('orientation, shown, red_at', [(1, (80, 60), (2, 2)), (3, (80, 60), (77, 57)),
+                                                        (6, (60, 80), (57, 2)), (8, (60, 80), (2, 77))])
 def test_exif_orientation_is_applied(tmp_path, orientation, shown, red_at):
     _phone_photo(tmp_path/'p.png', orientation)
     im = load_rgb(tmp_path/'p.png')
@@ -140,7 +141,8 @@ def test_boxes_follow_the_photo_as_shown(tmp_path):
     "Annotated on the displayed (rotated) photo: the box lands on the red corner after the rotation."
     root = tmp_path; (root/'images').mkdir(); (root/'annotations').mkdir()
     _phone_photo(root/'images'/'p.jpg', 6)
-    d = {'images': [{'id': 1, 'file_name': 'p.jpg', 'width': 60, 'height': 80}], 'categories': [{'id': 1, 'name': 'red'}],
+    d = {'images': [{'id': 1, 'file_name': 'p.jpg', 'width': 60, 'height': 80}],
+         'categories': [{'id': 1, 'name': 'red'}],
          'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [50, 0, 10, 10]}]}
     (root/'annotations'/'instances_val.json').write_text(json.dumps(d))
     image, target = CocoDetection(*find_split(root, 'val')).load(0)
@@ -150,8 +152,10 @@ def test_boxes_follow_the_photo_as_shown(tmp_path):
 
 
 @pytest.mark.parametrize('orientation, json_size, message', [
-    (1, (64, 48), r'p\.jpg: the image is 80x60 pixels, but instances_val\.json says 64x48 \(width x height\) for image id 1$'),
-    (6, (80, 60), r'p\.jpg: the image is 60x80 pixels after its EXIF rotation, but instances_val\.json says 80x60 .*unrotated image\?')])
+    (1, (64, 48), r'p\.jpg: the image is 80x60 pixels, but instances_val\.json says 64x48 \(width x height\) '
+                  r'for image id 1$'),
+    (6, (80, 60), r'p\.jpg: the image is 60x80 pixels after its EXIF rotation, but instances_val\.json says 80x60 '
+                  r'.*unrotated image\?')])
 def test_decoded_size_must_match_the_json(tmp_path, orientation, json_size, message, capsys):
     root = tmp_path; (root/'images').mkdir(); (root/'annotations').mkdir()
     _phone_photo(root/'images'/'p.jpg', orientation)
@@ -164,7 +168,8 @@ def test_decoded_size_must_match_the_json(tmp_path, orientation, json_size, mess
 
 @pytest.mark.parametrize('name, array', [
     ('float01.tiff', np.full((6, 8), 0.5, np.float32)), ('float255.tiff', np.full((6, 8), 127.5, np.float32)),
-    ('int32_8bit.tiff', np.full((6, 8), 127, np.int32)), ('int32_16bit.tiff', np.full((6, 8), 127 * 256 + 200, np.int32)),
+    ('int32_8bit.tiff', np.full((6, 8), 127, np.int32)),
+    ('int32_16bit.tiff', np.full((6, 8), 127 * 256 + 200, np.int32)),
     ('uint16.png', np.full((6, 8), 127 * 256 + 200, np.uint16))])
 def test_high_bit_depth_images_are_scaled(tmp_path, name, array):
     Image.fromarray(array).save(tmp_path/name)
@@ -190,15 +195,18 @@ def test_make_synthetic_never_overwrites_another_dataset(tmp_path):
     coco = coco_files(tmp_path/'coco', [1, 2, 3, 4], split='train')
     before = _tree(coco)
     for overwrite in (False, True):
-        with pytest.raises(DatasetError, match=r"refusing to write the synthetic dataset there: annotations/instances_train\.json was not "
-                                               r"written by make_synthetic\. Choose a new or empty folder"):
+        with pytest.raises(DatasetError, match=r"refusing to write the synthetic dataset there: "
+                                               r"annotations/instances_train\.json was not written by make_synthetic\. "
+                                               r"Choose a new or empty folder"):
             make_synthetic(coco, n_train=2, n_val=1, overwrite=overwrite)
     assert _tree(coco) == before
     (coco/'annotations'/'instances_train.json').unlink()
-    with pytest.raises(DatasetError, match=r"images/ holds files it does not write, e\.g\. \['1\.png', '2\.png', '3\.png'\]"):
+    with pytest.raises(DatasetError, match=r"images/ holds files it does not write, "
+                                           r"e\.g\. \['1\.png', '2\.png', '3\.png'\]"):
         make_synthetic(coco, n_train=2, n_val=1)
     (tmp_path/'notes').mkdir(); (tmp_path/'notes'/'README.md').write_text('mine')
-    with pytest.raises(DatasetError, match='README.md was not written by make_synthetic'): make_synthetic(tmp_path/'notes', n_train=2, n_val=1)
+    with pytest.raises(DatasetError, match='README.md was not written by make_synthetic'):
+        make_synthetic(tmp_path/'notes', n_train=2, n_val=1)
     (tmp_path/'file').write_text('x')
     with pytest.raises(DatasetError, match='it is a file'): make_synthetic(tmp_path/'file', n_train=2, n_val=1)
     # its own dataset: completed after a kill (images, no annotation file yet), replaced with other settings
@@ -206,7 +214,8 @@ def test_make_synthetic_never_overwrites_another_dataset(tmp_path):
     (ours/'annotations'/'instances_train.json').unlink()
     make_synthetic(ours, n_train=3, n_val=1)
     make_synthetic(ours, n_train=2, n_val=1, seed=5)
-    assert sorted(p.name for p in (ours/'images').iterdir()) == ['train_000000.png', 'train_000001.png', 'val_000000.png']
+    assert sorted(p.name for p in (ours/'images').iterdir()) == ['train_000000.png', 'train_000001.png',
+                                                                 'val_000000.png']
     assert json.loads((ours/'annotations'/'instances_train.json').read_text())['info']['seed'] == 5
 
 
@@ -227,14 +236,16 @@ def test_coco_subset_never_overwrites_another_dataset(tmp_path, archive, monkeyp
     zip_path, served = archive
     real = tmp_path/'data'/'coco'                          # the real COCO, where coco-subset writes by default
     (real/'annotations').mkdir(parents=True); (real/'val2017').mkdir()
-    (real/'annotations'/'instances_val2017.json').write_text(json.dumps({'info': {'description': 'COCO 2017'}, 'images': []}))
+    official = {'info': {'description': 'COCO 2017'}, 'images': []}
+    (real/'annotations'/'instances_val2017.json').write_text(json.dumps(official))
     (real/'val2017'/'000000000139.jpg').write_bytes(b'jpeg')
     before = _tree(real)
     with LocalFileServer(served) as srv:
         with pytest.raises(CocoSubsetError, match='instances_val2017.json exists and was not written by coco-subset'):
             make_coco_subset(real, 'val2017', 2, annotations=zip_path, images_url=srv.url, progress=False)
         (real/'annotations'/'instances_val2017.json').unlink(); del before['annotations/instances_val2017.json']
-        with pytest.raises(CocoSubsetError, match=r'val2017 already holds 1 files \(e\.g\. 000000000139\.jpg\) and no coco-subset was started there'):
+        with pytest.raises(CocoSubsetError, match=r'val2017 already holds 1 files \(e\.g\. 000000000139\.jpg\) '
+                                                  r'and no coco-subset was started there'):
             make_coco_subset(real, 'val2017', 2, annotations=zip_path, images_url=srv.url, progress=False)
         assert _tree(real) == before and srv.log == []
         # its own subset: an interrupted one is resumed, a finished one grown
@@ -242,7 +253,8 @@ def test_coco_subset_never_overwrites_another_dataset(tmp_path, archive, monkeyp
         srv.faults['/val2017/2.png'] = [__import__('http_server').Fault(status=404)]
         with pytest.raises(CocoSubsetError, match='1 of 3 images failed'):
             make_coco_subset(out, 'val2017', 3, annotations=zip_path, images_url=srv.url, progress=False, retries=0)
-        assert (out/'.coco-subset-val2017.json').exists() and sorted(p.name for p in (out/'val2017').iterdir()) == ['1.png', '3.png']
+        assert (out/'.coco-subset-val2017.json').exists()
+        assert sorted(p.name for p in (out/'val2017').iterdir()) == ['1.png', '3.png']
         make_coco_subset(out, 'val2017', 3, annotations=zip_path, images_url=srv.url, progress=False)
         assert not (out/'.coco-subset-val2017.json').exists()
         make_coco_subset(out, 'val2017', 2, annotations=zip_path, images_url=srv.url, progress=False)
@@ -257,7 +269,8 @@ def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ckpt')
     root = make_synthetic(tmp/'syn', n_train=4, n_val=2, size=48)
     ds = CocoDetection(*find_split(root, 'train'), make_coco_transforms('train', 48, 'flip'))
-    run = Trainer(train_config('tiny', max_steps=1), model_config('detr', 'tiny', num_classes=ds.num_classes), ds, tmp/'run', progress=False)
+    cfg = model_config('detr', 'tiny', num_classes=ds.num_classes)
+    run = Trainer(train_config('tiny', max_steps=1), cfg, ds, tmp/'run', progress=False)
     run.fit()
     return run.checkpoint_path, root
 
@@ -267,13 +280,16 @@ def test_predict_same_stem_in_two_folders_and_an_unreadable_file(tmp_path, check
     for d in ('a', 'b', 'c'): (tmp_path/d).mkdir()
     shutil.copy(data/'images'/'train_000000.png', tmp_path/'a'/'photo.png')
     shutil.copy(data/'images'/'train_000001.png', tmp_path/'b'/'photo.png')
-    Image.open(data/'images'/'train_000002.png').save(tmp_path/'c'/'Photo.jpg')          # same stem, other case and type
+    Image.open(data/'images'/'train_000002.png').save(tmp_path/'c'/'Photo.jpg')   # same stem, other case and type
     (tmp_path/'c'/'broken.jpg').write_bytes(b'\xff\xd8\xff not really')
-    files = [tmp_path/'a'/'photo.png', tmp_path/'c'/'broken.jpg', tmp_path/'b'/'photo.png', tmp_path/'c'/'Photo.jpg', tmp_path/'c'/'gone.jpg']
+    files = [tmp_path/'a'/'photo.png', tmp_path/'c'/'broken.jpg', tmp_path/'b'/'photo.png', tmp_path/'c'/'Photo.jpg',
+             tmp_path/'c'/'gone.jpg']
     records = predict_files(ckpt, files, tmp_path/'out', threshold=0.0, progress=False)
     assert [r['file'] for r in records] == [str(f) for f in files]
     assert [r.get('drawing') for r in records] == ['photo.png', None, 'photo-2.png', 'Photo-3.png', None]
-    assert 'broken.jpg: cannot read image' in records[1]['error'] and 'gone.jpg: image file not found' in records[4]['error']
-    assert sorted(p.name for p in (tmp_path/'out').iterdir()) == ['Photo-3.png', 'detections.json', 'photo-2.png', 'photo.png']
+    assert 'broken.jpg: cannot read image' in records[1]['error']
+    assert 'gone.jpg: image file not found' in records[4]['error']
+    drawn = sorted(p.name for p in (tmp_path/'out').iterdir())
+    assert drawn == ['Photo-3.png', 'detections.json', 'photo-2.png', 'photo.png']
     assert json.loads((tmp_path/'out'/'detections.json').read_text()) == records
     assert all(len(r['detections']) > 0 for r in records if 'error' not in r)
