@@ -36,7 +36,8 @@ def test_help_is_quick_and_names_every_command():
 def test_every_command_end_to_end(tmp_path):
     r = cli('make-synthetic', '--out', tmp_path / 'syn', '--train', 8, '--val', 4, '--size', 64)
     assert r.returncode == 0, r.stderr
-    r = cli('train', '--data', tmp_path / 'syn', '--preset', 'tiny', '--epochs', 1, '--out', tmp_path / 'run', '--threads', 1)
+    r = cli('train', '--data', tmp_path / 'syn', '--preset', 'tiny', '--epochs', 1, '--out', tmp_path / 'run',
+            '--threads', 1)
     assert r.returncode == 0, r.stderr
     assert 'done: epoch 1, 4 steps' in r.stdout and 'val: AP' in r.stdout
     assert 'epoch 1/1' in r.stderr                               # the progress bar
@@ -47,7 +48,8 @@ def test_every_command_end_to_end(tmp_path):
     assert set(m['per_class']) == {'ellipse', 'rectangle', 'triangle', 'cross'} and 'AP50' in m
     assert 'Average Precision' in r.stdout
     images = sorted((tmp_path / 'syn' / 'images').glob('val_*.png'))[:2]
-    r = cli('predict', '--checkpoint', tmp_path / 'run' / 'checkpoint.pt', *images, '--out', tmp_path / 'pred', '--threshold', 0, '--quiet')
+    r = cli('predict', '--checkpoint', tmp_path / 'run' / 'checkpoint.pt', *images, '--out', tmp_path / 'pred',
+            '--threshold', 0, '--quiet')
     assert r.returncode == 0, r.stderr
     dets = json.loads((tmp_path / 'pred' / 'detections.json').read_text())
     assert [Path(d['file']).name for d in dets] == [i.name for i in images]
@@ -94,6 +96,8 @@ def test_default_preset_trains(tmp_path, capsys):
     from detr_explained.cli import main
     from detr_explained.synthetic import make_synthetic
     syn = make_synthetic(tmp_path / 'syn', n_train=4, n_val=1, size=64)
-    assert main(['train', '--data', str(syn), '--max-steps', '1', '--eval-every', '0', '--out', str(tmp_path / 'run'), '--quiet']) == 0
+    args = ['train', '--data', str(syn), '--max-steps', '1', '--eval-every', '0', '--out', str(tmp_path / 'run'),
+            '--quiet']
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert 'detr (small preset)' in out and 'done: epoch 1, 1 steps' in out

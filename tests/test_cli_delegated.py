@@ -1,4 +1,5 @@
-"""`detr-explained fetch` and `coco-subset` are mounted on the console command (their parsers live in hub / coco_subset)."""
+"""`detr-explained fetch` and `coco-subset` are mounted on the console command
+(their parsers live in hub / coco_subset)."""
 import subprocess, sys
 
 from detr_explained.cli import main
@@ -10,8 +11,8 @@ def test_fetch_list_through_main(capsys):
 
 
 def test_console_help_names_every_command():
-    out = subprocess.run([sys.executable, '-c', 'import sys; from detr_explained.cli import main; sys.exit(main(["--help"]))'],
-                         capture_output=True, text=True, check=True).stdout
+    code = 'import sys; from detr_explained.cli import main; sys.exit(main(["--help"]))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     for cmd in ('demo', 'make-synthetic', 'train', 'evaluate', 'predict', 'fetch', 'coco-subset'): assert cmd in out
 
 
@@ -23,7 +24,8 @@ def test_coco_subset_bad_argument_is_a_usage_error(capsys):
 
 
 def test_evaluate_official_weights(tmp_path, official_fixture, coco_sample, capsys):
-    "`evaluate --official PATH`: an official-layout checkpoint ({'model', 'args'}) evaluated with COCOeval on COCO images."
+    """`evaluate --official PATH`: an official-layout checkpoint ({'model', 'args'}) evaluated with COCOeval
+    on COCO images."""
     import argparse, json
     import torch
     fx = official_fixture('detr')
@@ -37,7 +39,8 @@ def test_evaluate_official_weights(tmp_path, official_fixture, coco_sample, caps
     (tmp_path/'data'/'annotations'/'instances_val.json').write_text(json.dumps(sub))
     (tmp_path/'data'/'images').symlink_to(coco_sample/'images')
     out = tmp_path/'metrics.json'
-    assert main(['evaluate', '--official', str(ckpt), '--data', str(tmp_path/'data'), '--out', str(out), '--quiet']) == 0
+    args = ['evaluate', '--official', str(ckpt), '--data', str(tmp_path/'data'), '--out', str(out), '--quiet']
+    assert main(args) == 0
     m = json.loads(out.read_text())
     assert m['family'] == 'detr' and m['num_images'] == 2 and 0 <= m['AP50'] <= 1
     assert 'AP50' in capsys.readouterr().out

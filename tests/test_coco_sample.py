@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 
 from detr_explained.data import CocoDetection, find_split, make_coco_transforms
 from detr_explained.evaluate import evaluate_dataset
@@ -38,8 +36,9 @@ def test_sample_loads_as_official(coco_sample):
 
 
 def test_train_and_evaluate_commands_on_the_sample(coco_sample, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, '-c', 'import sys; from detr_explained.cli import main; sys.exit(main(sys.argv[1:]))',
-                                     *map(str, a)], capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    code = 'import sys; from detr_explained.cli import main; sys.exit(main(sys.argv[1:]))'
+    run = lambda *a: subprocess.run([sys.executable, '-c', code, *map(str, a)], capture_output=True, text=True,
+                                    timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     r = run('train', '--data', coco_sample, '--preset', 'tiny', '--image-size', 96, '--max-steps', 2, '--eval-every', 0,
             '--out', tmp_path / 'run', '--quiet')
     assert r.returncode == 0, r.stderr
@@ -51,11 +50,14 @@ def test_train_and_evaluate_commands_on_the_sample(coco_sample, tmp_path):
 
 
 def few_object_subset(coco_sample: Path, out: Path, n: int) -> Path:
-    "An annotation file with the n train images that have the fewest (1-3), largest objects; images stay where they are."
+    """An annotation file with the n train images that have the fewest (1-3), largest objects;
+    images stay where they are."""
     d = json.loads((coco_sample / 'annotations' / 'instances_train2017.json').read_text())
     by_image = {}
     for a in d['annotations']: by_image.setdefault(a['image_id'], []).append(a)
-    def ok(anns): return 1 <= len(anns) <= 3 and not any(a['iscrowd'] for a in anns) and min(a['area'] for a in anns) > 32 * 32 * 4
+    def ok(anns):
+        return (1 <= len(anns) <= 3 and not any(a['iscrowd'] for a in anns)
+                and min(a['area'] for a in anns) > 32 * 32 * 4)
     chosen = sorted((i for i, anns in by_image.items() if ok(anns)), key=lambda i: (len(by_image[i]), i))[:n]
     assert len(chosen) == n
     sub = {**d, 'images': [im for im in d['images'] if im['id'] in chosen],
@@ -65,12 +67,15 @@ def few_object_subset(coco_sample: Path, out: Path, n: int) -> Path:
 
 
 def test_overfit_a_few_real_images(coco_sample, tmp_path):
-    "6 real images (8 objects), 128 pixels, a frozen random backbone, 120 steps: memorised to AP50 >= 0.5 (CPU: about a minute)."
+    """6 real images (8 objects), 128 pixels, a frozen random backbone, 120 steps: memorised to AP50 >= 0.5
+    (CPU: about a minute)."""
     ann = few_object_subset(coco_sample, tmp_path, 6)
-    tcfg = train_config('tiny', image_size=128, augment='none', seed=0, checkpoint_every=0, eval_every=0, epoch_checkpoints=False)
-    train_ds = CocoDetection(coco_sample / 'images', ann, make_coco_transforms('train', 128, 'none'), remap_categories=True)
-    cfg = model_config('detr', 'tiny', num_classes=train_ds.num_classes, batch_size=6, epochs=120, hidden_dim=64, nheads=4,
-                       dim_feedforward=128, num_queries=8, lr=1e-3, lr_drop=100, eos_coef=0.2)
+    tcfg = train_config('tiny', image_size=128, augment='none', seed=0, checkpoint_every=0, eval_every=0,
+                        epoch_checkpoints=False)
+    train_ds = CocoDetection(coco_sample / 'images', ann, make_coco_transforms('train', 128, 'none'),
+                             remap_categories=True)
+    cfg = model_config('detr', 'tiny', num_classes=train_ds.num_classes, batch_size=6, epochs=120, hidden_dim=64,
+                       nheads=4, dim_feedforward=128, num_queries=8, lr=1e-3, lr_drop=100, eos_coef=0.2)
     run = Trainer(tcfg, cfg, train_ds, tmp_path / 'run', progress=False)
     run.fit()
     val_ds = CocoDetection(coco_sample / 'images', ann, make_coco_transforms('val', 128), remap_categories=True)

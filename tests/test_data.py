@@ -1,12 +1,11 @@
 """The data pipeline keeps the official semantics and is reproducible to the bit."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from torchvision import tv_tensors
 
-from detr_explained.data import (CocoDetection, EpochBatchSampler, collate_fn, crop, derive_seed, find_split, hflip,
+from detr_explained.data import (CocoDetection, EpochBatchSampler, crop, derive_seed, find_split, hflip,
                                  make_coco_transforms, make_loader, resize, resize_size)
 from detr_explained.synthetic import make_synthetic
 
@@ -40,13 +39,15 @@ def test_box_arithmetic_is_official():
     b = t['boxes'].as_subclass(torch.Tensor)
     # flip: boxes[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [w, 0, w, 0]
     _, f = hflip(img, t)
-    assert torch.equal(f['boxes'].as_subclass(torch.Tensor), b[:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([80, 0, 80, 0]))
+    flipped = b[:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([80, 0, 80, 0])
+    assert torch.equal(f['boxes'].as_subclass(torch.Tensor), flipped)
     # resize: boxes * (rw, rh, rw, rh), area * rw * rh
     i2, r = resize(img, t, 100, 1333)
     rw, rh = i2.shape[-1] / 80, i2.shape[-2] / 50
     assert torch.allclose(r['boxes'].as_subclass(torch.Tensor), b * torch.tensor([rw, rh, rw, rh]))
     assert torch.allclose(r['area'], t['area'] * rw * rh)
-    # crop (i, j, h, w) = (10, 20, 30, 50): boxes - [j, i, j, i], min with [w, h], clamp 0, keep x1 > x0 & y1 > y0, area = box area
+    # crop (i, j, h, w) = (10, 20, 30, 50): boxes - [j, i, j, i], min with [w, h], clamp 0,
+    # keep x1 > x0 & y1 > y0, area = box area
     _, c = crop(img, t, 10, 20, 30, 50)
     cb = torch.min((b - torch.tensor([20, 10, 20, 10])).reshape(-1, 2, 2), torch.tensor([50., 30])).clamp(min=0)
     keep = torch.all(cb[:, 1, :] > cb[:, 0, :], dim=1)

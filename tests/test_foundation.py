@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_explained.backbone import (Backbone, FrozenBatchNorm2d, Joiner, build_backbone, downsample_mask,
+from detr_explained.backbone import (Backbone, FrozenBatchNorm2d, build_backbone, downsample_mask,
                                      load_resnet_weights, pad_images, resnet)
 from detr_explained.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou,
                                     inverse_sigmoid)
@@ -63,7 +63,8 @@ def test_pos_parity_from_image_mask(official_fixture, family):
     "The encoding alone, on feature masks recomputed from the image mask (no backbone involved)."
     fx = official_fixture(family)
     pe = _pos_module(family, fx['config']['hidden_dim'])
-    for l, (f, rp) in enumerate(zip(fx['intermediates']['backbone']['features'], fx['intermediates']['backbone']['pos'])):
+    bb = fx['intermediates']['backbone']
+    for l, (f, rp) in enumerate(zip(bb['features'], bb['pos'])):
         m = F.interpolate(fx['inputs']['mask'][None].float(), size=f['mask'].shape[-2:]).bool()[0]
         close(f'{family} interpolated mask[{l}]', m, f['mask'])
         close(f'{family} downsample_mask[{l}]', downsample_mask(fx['inputs']['mask'], f['mask'].shape[-2:]), f['mask'])
@@ -177,7 +178,8 @@ def test_pretrained_local_file(tmp_path):
     torch.manual_seed(1)
     src = resnet('resnet18')
     path = tmp_path / 'r18.pth'
-    torch.save({'model': {f'backbone.0.body.{k}': v for k, v in src.state_dict().items()}}, path)   # a DETR-style checkpoint
+    sd = {f'backbone.0.body.{k}': v for k, v in src.state_dict().items()}
+    torch.save({'model': sd}, path)   # a DETR-style checkpoint
     j = build_backbone('resnet18', 64, pretrained=path)
     assert torch.equal(j[0].body.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     torch.save(src.state_dict(), path)                       # plain torchvision format
@@ -194,7 +196,8 @@ def test_position_encoding_by_hand_and_padding():
         for i, j in [(0, 0), (3, 5), (2, 1)]:
             y = (i + 1 + offset) / (h + 1e-6) * 2 * math.pi
             x = (j + 1 + offset) / (w + 1e-6) * 2 * math.pi
-            ref = [(math.sin if k % 2 == 0 else math.cos)(c / 10000 ** (2 * (k // 2) / n)) for c in (y, x) for k in range(n)]
+            ref = [(math.sin if k % 2 == 0 else math.cos)(c / 10000 ** (2 * (k // 2) / n))
+                   for c in (y, x) for k in range(n)]
             torch.testing.assert_close(pos[0, :, i, j], torch.tensor(ref), rtol=0, atol=1e-5)
         torch.testing.assert_close(pos[..., :h, :w], pe(torch.zeros(1, 1, h, w)), rtol=0, atol=1e-6)
     hw = PositionEmbeddingSineHW(n, 20, 30, normalize=True)(torch.zeros(1, 1, H, W), mask)

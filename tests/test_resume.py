@@ -20,8 +20,10 @@ EPOCHS, STEPS_PER_EPOCH = 3, 6          # 12 training images, batch 2 (tiny pres
 
 
 def train_cmd(data: Path, out: Path, *extra) -> list[str]:
-    return [sys.executable, '-c', 'import sys; from detr_explained.cli import main; sys.exit(main(sys.argv[1:]))', 'train', '--data', str(data), '--preset', 'tiny', '--epochs', str(EPOCHS),
-            '--checkpoint-every', '4', '--eval-every', '0', '--set', 'dropout=0.1', '--out', str(out), '--threads', '1', '--quiet', *extra]
+    code = 'import sys; from detr_explained.cli import main; sys.exit(main(sys.argv[1:]))'
+    return [sys.executable, '-c', code, 'train', '--data', str(data), '--preset', 'tiny', '--epochs', str(EPOCHS),
+            '--checkpoint-every', '4', '--eval-every', '0', '--set', 'dropout=0.1', '--out', str(out), '--threads', '1',
+            '--quiet', *extra]
 
 
 def env():
@@ -43,7 +45,8 @@ def run_until_killed(cmd, out: Path, kill_at: int, timeout: float=240) -> int:
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
     while logged_steps(out) < kill_at:
-        if proc.poll() is not None: raise AssertionError(f"training ended before step {kill_at}: {proc.stderr.read().decode()[-2000:]}")
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {kill_at}: {proc.stderr.read().decode()[-2000:]}")
         if time.time() - t0 > timeout: proc.kill(); raise AssertionError('training too slow')
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL); proc.wait()
@@ -80,7 +83,9 @@ def test_sigkill_and_resume_give_the_same_weights(data, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a['rng']['torch'], b['rng']['torch'])
     # the log has each step exactly once, with the same losses as the uninterrupted run
-    steps = lambda d: [(r['global_step'], r['loss']) for r in map(json.loads, (d / 'metrics.jsonl').read_text().splitlines()) if 'loss' in r]
+    def steps(d):
+        rows = map(json.loads, (d / 'metrics.jsonl').read_text().splitlines())
+        return [(r['global_step'], r['loss']) for r in rows if 'loss' in r]
     assert steps(out) == steps(tmp_path / 'ref') and len(steps(out)) == total
 
 
@@ -88,6 +93,7 @@ def test_resume_of_a_finished_run_does_nothing(data, tmp_path):
     cmd = train_cmd(data, tmp_path / 'run', '--max-steps', '2')
     assert subprocess.run(cmd, env=env(), capture_output=True, timeout=300).returncode == 0
     before = (tmp_path / 'run' / 'checkpoint.pt').stat().st_mtime_ns
-    r = subprocess.run(train_cmd(data, tmp_path / 'run', '--max-steps', '2', '--resume'), env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(train_cmd(data, tmp_path / 'run', '--max-steps', '2', '--resume'), env=env(),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and 'global step 2' in r.stdout
     assert (tmp_path / 'run' / 'checkpoint.pt').stat().st_mtime_ns == before
