@@ -22,6 +22,8 @@ suppress_warnings = ['myst.header', 'mystnb.unknown_mime_type', 'misc.highlighti
 
 # ---- maths: MathJax 3 served from this site (_static/mathjax), nothing from outside
 html_static_path = [os.environ.get('DETR_EXPLAINED_DOCS_STATIC', str(Path(__file__).parent/'_build'/'static'))]
+html_static_path.append(str(Path(__file__).parent/'static'))   # figures.css: figures keep their aspect ratio
+html_css_files = ['figures.css']
 mathjax_path = 'mathjax/tex-chtml.js'
 mathjax3_config = {'tex': {'tags': 'none'}, 'chtml': {'displayAlign': 'center'}}
 
