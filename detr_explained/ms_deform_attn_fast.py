@@ -80,7 +80,8 @@ class LevelCanvas:
     def rows(self, u0: Tensor, v0: Tensor) -> Tensor: # (B, Q, M, L, P) corners in [-1, W_l] x [-1, H_l] -> table rows
         head = torch.arange(self.B * self.M, device=u0.device, dtype=u0.dtype) * self.block
         head = head.view(self.B, 1, self.M, 1, 1)                       # (B*M,) -> (B, 1, M, 1, 1)
-        level = torch.tensor(self.tops, device=u0.device, dtype=u0.dtype).view(-1, 1) * self.width + self.width + 1
+        level = torch.tensor(self.tops, device=u0.device, dtype=u0.dtype).view(-1, 1)   # (L,) -> (L, 1)
+        level = level * self.width + self.width + 1                     # the row of each level's pixel (0, 0)
         return head + level + v0 * self.width + u0
 
 # %% ../nbs/10a_ms_deform_attn_fast.ipynb #7a245336
@@ -111,7 +112,7 @@ def _row_dots(G: Tensor, # (B*Q*M, D)
     crow = torch.arange(0, n_out * n + 1, n, device=rows.device, dtype=rows.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')                                  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(crow, rows.flatten(), G.new_zeros(1).expand(n_out * n),
+        pattern = torch.sparse_csr_tensor(crow, rows.flatten(), G.new_zeros(1).expand(n_out * n),   # (B*Q*M*n,) columns
                                           size=(n_out, len(table)))
         return torch.sparse.sampled_addmm(pattern, G, table.T, beta=0).values()
 
