@@ -16,10 +16,12 @@ docs sources (`make docs` normally leaves it fresh; `DETR_EXPLAINED_DOCS_AS_BUIL
 Without chromium the test skips, except
 under CI (`CI=true`) or `DETR_EXPLAINED_REQUIRE_BROWSER=1`, where it fails.
 """
-import functools, http.server, json, os, re, shutil, subprocess, sys, threading, time
+import functools, http.server, json, os, re, subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
+
+from lab_server import chromium_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT/'docs'
@@ -32,16 +34,6 @@ FAMILY_PAGES = {  # screenshots: the explorer page of each family (a missing one
 }
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/svg+xml')
 
-
-def _require_browser() -> bool:
-    return os.environ.get('CI', '').lower() in ('1', 'true') or os.environ.get('DETR_EXPLAINED_REQUIRE_BROWSER') == '1'
-
-def _tool(*names):
-    for n in names:
-        if (p := shutil.which(n)): return p
-    msg = f'{"/".join(names)} not found (apt-get install -y chromium chromium-driver)'
-    if _require_browser(): pytest.fail(msg)
-    pytest.skip(msg)
 
 def course_notebooks() -> list[str]:
     "The notebooks the site shows, in its order (docs/build.py decides: the notebooks nbdev-test runs)."
@@ -75,20 +67,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope='module')
 def browser(tmp_path_factory):
-    chromium, driver_bin = _tool('chromium', 'chromium-browser'), _tool('chromedriver')
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    os.environ.setdefault('SE_AVOID_STATS', 'true')
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-              '--disable-component-update', '--no-first-run', '--disable-sync', '--disable-quic',
-              '--disable-dev-shm-usage', '--window-size=1280,900',
-              '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',  # nothing outside this machine
-              f'--user-data-dir={tmp_path_factory.mktemp("chromium-profile")}']:
-        opts.add_argument(a)
-    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL', 'performance': 'ALL'})
-    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    "Headless Chromium (tests/lab_server.py: the flags, nothing outside 127.0.0.1, console and network logs)."
+    drv = chromium_driver(tmp_path_factory.mktemp('chromium-profile'), 1280, 900)
     drv.set_page_load_timeout(60); drv.set_script_timeout(60)
     yield drv
     drv.quit()
