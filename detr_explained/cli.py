@@ -4,13 +4,13 @@
 
 # %% ../nbs/24_cli.ipynb #e9ea8069
 from __future__ import annotations
-import argparse, json, sys, time
-from dataclasses import replace, fields
+import argparse, sys, time
+from dataclasses import replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEMO_FAMILY', 'DEMO_DATA', 'DESCRIPTION', 'DEMO_SCORE_THRESHOLD', 'DELEGATED', 'COMMANDS', 'build_parser',
-           'cmd_make_synthetic', 'train_changes', 'make_trainer', 'describe', 'report', 'cmd_train',
+__all__ = ['DEMO_FAMILY', 'DEMO_DATA', 'DESCRIPTION', 'FAMILY_CHOICES', 'DEMO_SCORE_THRESHOLD', 'DELEGATED', 'COMMANDS',
+           'build_parser', 'cmd_make_synthetic', 'train_changes', 'make_trainer', 'describe', 'report', 'cmd_train',
            'evaluate_official', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
 
 # %% ../nbs/24_cli.ipynb #671c0ae3
@@ -31,9 +31,19 @@ instances_val.json, or the *2017.json names, and the images in images/ or train2
   detr-explained predict --checkpoint runs/mine/checkpoint.pt photo.jpg --out runs/mine/predictions
 """
 
+class _RegisteredFamilies:
+    "The registered model families as argparse `choices`, looked up only when an option is checked or a sub-command's help printed."
+    def _names(self) -> tuple[str, ...]:
+        from detr_explained import official              # imports every family (and torch): not needed for `--help`
+        return official.family_names()
+    def __iter__(self): return iter(self._names())
+    def __contains__(self, name): return name in self._names()
+
+FAMILY_CHOICES = _RegisteredFamilies()
+
 def _add_train_options(p: argparse.ArgumentParser):
     g = p.add_argument_group('model and recipe (default: the preset\'s values)')
-    g.add_argument('--family', choices=['detr', 'deformable_detr', 'dab_detr'], help='model family (default: detr)')
+    g.add_argument('--family', choices=FAMILY_CHOICES, metavar='FAMILY', help='model family: %(choices)s (default: detr)')
     g.add_argument('--preset', help="'small' (default; a laptop CPU on real photos), 'demo' (synthetic shapes), "
                                    "'official' (the papers' settings: ResNet-50, 800-pixel images; for a GPU), 'tiny' (tests)")
     g.add_argument('--epochs', type=int, help='number of epochs')
@@ -65,9 +75,17 @@ def _add_common(p):
 # %% ../nbs/24_cli.ipynb #46f56bfa
 DEMO_SCORE_THRESHOLD = 0.3   # focal-loss (sigmoid) scores of a model trained for minutes sit well below softmax ones
 
-DELEGATED = {  # command -> (module, function(argv) -> exit code, help); see 30_hub and 31_coco_subset
-    'fetch': ('detr_explained.hub', 'main_fetch', 'download, verify and load a published checkpoint (`fetch --help`)'),
-    'coco-subset': ('detr_explained.coco_subset', 'main_coco_subset', 'build a COCO subset from the official annotations and images (`coco-subset --help`)'),
+def _fetch(argv: list[str]) -> int:
+    from detr_explained.hub import main_fetch                 # imported when used: `--help` stays quick
+    return main_fetch(argv)
+
+def _coco_subset(argv: list[str]) -> int:
+    from detr_explained.coco_subset import main_coco_subset
+    return main_coco_subset(argv)
+
+DELEGATED = {  # command -> (function(argv) -> exit code, help); their parsers live in 30_hub and 31_coco_subset
+    'fetch': (_fetch, 'download, verify and load a published checkpoint (`fetch --help`)'),
+    'coco-subset': (_coco_subset, 'build a COCO subset from the official annotations and images (`coco-subset --help`)'),
 }
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('demo', help='synthetic data -> train -> evaluate, on a CPU in minutes (start here)',
                        description='Make the synthetic shapes dataset, train the fastest-learning model on it, evaluate it, and save curves and pictures.')
     p.add_argument('--out', default='runs/demo', help='folder for the dataset and the run (default runs/demo)')
-    p.add_argument('--family', choices=['detr', 'deformable_detr', 'dab_detr'], help=f'model family (default: the fastest learner)')
+    p.add_argument('--family', choices=FAMILY_CHOICES, metavar='FAMILY', help=f'model family: %(choices)s (default: {DEMO_FAMILY}, the fastest learner)')
     p.add_argument('--epochs', type=int, help="number of epochs (default: the demo preset's)")
     p.add_argument('--time-limit', type=float, metavar='MINUTES', help='stop training after this many minutes')
     p.add_argument('--images', type=int, default=DEMO_DATA['n_train'], help=f"training images to generate (default {DEMO_DATA['n_train']})")
@@ -111,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default='predictions', help='output folder (default predictions/)')
     p.add_argument('--threshold', type=float, default=0.5, help='keep detections with at least this score (default 0.5)')
     _add_common(p)
-    for name, (_, _, help_) in DELEGATED.items():         # their own parsers live in hub / coco_subset (imported only when used)
+    for name, (_, help_) in DELEGATED.items():         # their own parsers live in hub / coco_subset (imported only when used)
         p = sub.add_parser(name, help=help_, add_help=False)
         p.add_argument('rest', nargs=argparse.REMAINDER)
     return parser
@@ -134,14 +152,15 @@ def _given(args, names) -> dict:
 
 def train_changes(args, family: str) -> tuple[dict, dict]:
     "(TrainConfig changes, model config changes) that the user gave on the command line."
-    from detr_explained.train import config_class, parse_overrides
+    from detr_explained.family import get_family
+    from detr_explained.train import parse_overrides
     t = _given(args, ('image_size', 'augment', 'seed', 'remap_categories', *_RUN_TRAIN))
     m = {**_given(args, ('epochs', 'batch_size', 'lr', 'lr_backbone', 'lr_drop', 'pretrained_backbone')),
-         **parse_overrides(args.set, config_class(family))}
+         **parse_overrides(args.set, get_family(family).Config)}
     return t, m
 
 def _check_same(ckpt_values: dict, given: dict, path, what: str):
-    from detr_explained.train import CheckpointError
+    from detr_explained.official import CheckpointError
     for k, v in given.items():
         old = ckpt_values.get(k)
         if (list(old) if isinstance(old, tuple) else old) != (list(v) if isinstance(v, tuple) else v):
@@ -159,8 +178,9 @@ def _resume_path(args, out: Path) -> Path|None:
 
 def make_trainer(args, out: Path, progress: bool):
     "The Trainer for `train` (fresh or resumed) and a one-line description of it."
-    from detr_explained.train import (Trainer, train_config, model_config, datasets_from_folder, load_checkpoint,
-                                      trainer_from_checkpoint, TrainConfig, CheckpointError)
+    from detr_explained.official import CheckpointError
+    from detr_explained.train import (Trainer, train_config, model_config, datasets_from_folder, load_training_checkpoint,
+                                      trainer_from_checkpoint, TrainConfig)
     from detr_explained.evaluate import coco_evaluator
     path = _resume_path(args, out)
     if path is None:
@@ -172,7 +192,7 @@ def make_trainer(args, out: Path, progress: bool):
         _check_pretrained(cfg)
         ev = coco_evaluator(val_ds, device=tcfg.device) if val_ds is not None else None
         return Trainer(tcfg, cfg, train_ds, out, ev, progress), 'new run'
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     if args.family and args.family != ckpt['family']:
         raise CheckpointError(f"{path}: a {ckpt['family']!r} checkpoint, but --family {args.family}")
     if args.preset: _check_same(ckpt['train_config'], {'preset': args.preset}, path, 'preset')
@@ -242,10 +262,10 @@ def evaluate_official(args) -> int:
 
 def cmd_evaluate(args) -> int:
     if args.official: return evaluate_official(args)
-    from detr_explained.train import load_checkpoint
+    from detr_explained.train import load_training_checkpoint
     from detr_explained.data import CocoDetection, find_split, make_coco_transforms
     from detr_explained.evaluate import evaluate_checkpoint
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_training_checkpoint(args.checkpoint)
     ds = CocoDetection(*find_split(args.data, args.split), make_coco_transforms('val', ckpt['train_config']['image_size']),
                        remap_categories=ckpt['classes'].get('remap', False))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent/f'metrics_{args.split}.json'
@@ -260,10 +280,11 @@ def cmd_predict(args) -> int:
     from detr_explained.evaluate import predict_files
     records = predict_files(args.checkpoint, args.images, args.out, args.threshold, args.device, progress=not args.quiet)
     for r in records:
+        if 'error' in r: print(f"detr-explained predict: error: {r['error']}", file=sys.stderr); continue
         found = ', '.join(f"{d['label']} {d['score']:.2f}" for d in r['detections']) or 'nothing'
         print(f"{r['file']}: {found}")
     print(f"pictures and detections.json in {args.out}")
-    return 0
+    return 2 if any('error' in r for r in records) else 0     # the readable files are done; say that some were not
 
 # %% ../nbs/24_cli.ipynb #751b3c8c
 def cmd_demo(args) -> int:
@@ -306,19 +327,18 @@ COMMANDS = {'demo': cmd_demo, 'make-synthetic': cmd_make_synthetic, 'train': cmd
 def main(argv: list[str]|None=None) -> int:
     "The `detr-explained` console command; returns the exit code."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        import importlib
-        module, function, _ = DELEGATED[argv[0]]
-        return getattr(importlib.import_module(module), function)(argv[1:])
+    if argv and argv[0] in DELEGATED: return DELEGATED[argv[0]][0](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None: parser.print_help(); return 0
     import torch
     from detr_explained.data import DatasetError
-    from detr_explained.train import TrainingError, CheckpointError
+    from detr_explained.family import ConfigError
+    from detr_explained.official import CheckpointError
+    from detr_explained.train import TrainingError
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
     try: return COMMANDS[args.command](args)
-    except (DatasetError, TrainingError, CheckpointError) as e:
+    except (DatasetError, TrainingError, CheckpointError, ConfigError) as e:
         print(f"detr-explained {args.command}: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is intact: run the same command with --resume to continue", file=sys.stderr)

@@ -196,27 +196,25 @@ class DABSetCriterion(FocalSetCriterion):
         return losses
 
 # %% ../nbs/08_criterion.ipynb #4818d215
-_FLAVOURS = {'detr': SetCriterion, 'deformable_detr': FocalSetCriterion, 'dab_detr': DABSetCriterion}
-
-def build_set_criterion(family: str,          # 'detr', 'deformable_detr' or 'dab_detr'
+def build_set_criterion(criterion: type[SetCriterion], # the family's class: SetCriterion, FocalSetCriterion, DABSetCriterion, ...
                         num_classes: int=91,   # K: max class id + 1 (COCO 91)
                         dec_layers: int=6, aux_loss: bool=True,
                         set_cost_class: float=1., set_cost_bbox: float=5., set_cost_giou: float=2., # matcher lambdas
                         cls_loss_coef: float=1., bbox_loss_coef: float=5., giou_loss_coef: float=2., # loss weights
-                        eos_coef: float=0.1,      # DETR only: weight of no-object
-                        focal_alpha: float=0.25,  # focal flavours: alpha of the loss
+                        eos_coef: float=0.1,      # softmax criteria only: weight of no-object
+                        focal_alpha: float=0.25,  # focal criteria: alpha of the loss
                         matcher_focal_alpha: float|None=None, # alpha of the matcher's focal cost (None: focal_alpha)
-                        enc_weights: bool|None=None, # add `_enc` weights (None: as the official builder, Deformable only)
+                        enc_weights: bool=False,  # add `_enc` weights (Deformable DETR's builder does)
                        ) -> SetCriterion:
-    "The set criterion of a family, with its matcher and official weight dict."
-    if family not in _FLAVOURS: raise ValueError(f"unknown family {family!r}; expected one of {list(_FLAVOURS)}")
-    focal = family != 'detr'
+    "A set criterion of class `criterion`, with its matcher (focal cost for the focal criteria) and the official weight dict."
+    if not (isinstance(criterion, type) and issubclass(criterion, SetCriterion)):
+        raise TypeError(f"criterion must be SetCriterion or a subclass of it, not {criterion!r}")
+    focal = issubclass(criterion, FocalSetCriterion)
     matcher = HungarianMatcher(set_cost_class, set_cost_bbox, set_cost_giou, focal=focal,
                                focal_alpha=focal_alpha if matcher_focal_alpha is None else matcher_focal_alpha)
-    enc = (family == 'deformable_detr') if enc_weights is None else enc_weights
-    weights = loss_weights(cls_loss_coef, bbox_loss_coef, giou_loss_coef, dec_layers, aux_loss, enc)
-    if focal: return _FLAVOURS[family](num_classes, matcher, weights, focal_alpha=focal_alpha)
-    return SetCriterion(num_classes, matcher, weights, eos_coef=eos_coef)
+    weights = loss_weights(cls_loss_coef, bbox_loss_coef, giou_loss_coef, dec_layers, aux_loss, enc_weights)
+    if focal: return criterion(num_classes, matcher, weights, focal_alpha=focal_alpha)
+    return criterion(num_classes, matcher, weights, eos_coef=eos_coef)
 
 # %% ../nbs/08_criterion.ipynb #44ac093d
 def scale_boxes(boxes: Tensor,        # (B, Q, 4) normalised cxcywh

@@ -4,10 +4,7 @@
 
 # %% ../nbs/16_dab_detr.ipynb #ce7a91df
 from __future__ import annotations
-import math
-from argparse import Namespace
-from dataclasses import dataclass, fields, replace
-from typing import Mapping
+from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
 from fastcore.basics import patch
@@ -16,11 +13,11 @@ from .backbone import build_backbone, Joiner, pad_images
 from .transformer import MLP
 from .dab_anchors import init_refpoints, refpoints_unsigmoid
 from .dab_transformer import DABTransformer
-from .criterion import build_set_criterion, PostProcessTopK
-from .detr import official_num_classes
+from .criterion import build_set_criterion, PostProcessTopK, DABSetCriterion
+from .family import Family, register, aux_outputs, init_prior_bias_, train_presets
 
 # %% auto #0
-__all__ = ['PRESETS', 'DABDETRConfig', 'config_from_args', 'preset', 'DABDETR', 'predict_boxes', 'build_model', 'build_criterion',
+__all__ = ['PRESETS', 'FAMILY', 'DABDETRConfig', 'read_args', 'DABDETR', 'predict_boxes', 'build_model', 'build_criterion',
            'build_postprocess']
 
 # %% ../nbs/16_dab_detr.ipynb #fc23978e
@@ -76,18 +73,14 @@ class DABDETRConfig:
     batch_size: int = 2
 
 # %% ../nbs/16_dab_detr.ipynb #5cdb8534
-def config_from_args(args: Mapping|Namespace) -> DABDETRConfig:
-    "A `DABDETRConfig` from the official DAB-DETR argparse namespace (or a dict); missing fields keep their defaults."
-    a = dict(vars(args) if isinstance(args, Namespace) else args)
-    if a.get('masks'): raise NotImplementedError("DAB-DETR's segmentation head (--masks) is not part of detr_explained")
+def read_args(a: dict) -> dict:
+    "Refuse the official DAB-DETR options this library does not implement; DAB-DETR has no other flags to read."
     if a.get('modelname', 'dab_detr') != 'dab_detr':
-        raise NotImplementedError(f"modelname {a['modelname']!r}: only 'dab_detr' is implemented (not DAB-Deformable-DETR)")
+        raise NotImplementedError(f"modelname {a['modelname']!r}: the dab_detr family is DAB-DETR only (not DAB-Deformable-DETR)")
     if a.get('batch_norm_type', 'FrozenBatchNorm2d') != 'FrozenBatchNorm2d':
         raise NotImplementedError(f"batch_norm_type {a['batch_norm_type']!r}: only FrozenBatchNorm2d is implemented")
     if a.get('backbone_freeze_keywords'): raise NotImplementedError("backbone_freeze_keywords is not implemented")
-    kw = {f.name: a[f.name] for f in fields(DABDETRConfig) if f.name in a}
-    if 'num_classes' not in a and 'dataset_file' in a: kw['num_classes'] = official_num_classes(a['dataset_file'])
-    return DABDETRConfig(**kw)
+    return {}
 
 # %% ../nbs/16_dab_detr.ipynb #3aaa4011
 PRESETS: dict[str, DABDETRConfig] = {
@@ -103,10 +96,6 @@ PRESETS: dict[str, DABDETRConfig] = {
                                             dim_feedforward=128, num_queries=10, num_patterns=3, random_refpoints_xy=True),
 }
 
-def preset(name: str, **overrides) -> DABDETRConfig:
-    "A named configuration, with any field overridden: `preset('dab_detr_small', num_classes=5)`."
-    if name not in PRESETS: raise KeyError(f"unknown DAB-DETR preset {name!r}; available: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 # %% ../nbs/16_dab_detr.ipynb #9c42a670
 class DABDETR(nn.Module):
@@ -129,7 +118,7 @@ class DABDETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], D, kernel_size=1)
         self.backbone, self.iter_update = backbone, iter_update
         if iter_update: self.transformer.decoder.bbox_embed = self.bbox_embed        # one module, two names
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))      # prior probability 0.01
+        init_prior_bias_(self.class_embed)                                           # prior probability 0.01 (09_family)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight); nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
 # %% ../nbs/16_dab_detr.ipynb #1f60ee24
@@ -152,7 +141,7 @@ def forward(self: DABDETR,
     hs, references = self.transformer(self.input_proj(src), src_mask, anchors, pos[-1])  # (L, B, Q', D), (L, B, Q', 4)
     logits, boxes = self.class_embed(hs), predict_boxes(self.bbox_embed, hs, references)  # (L, B, Q', K), (L, B, Q', 4)
     out = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1]}
-    if self.aux_loss: out['aux_outputs'] = [{'pred_logits': a, 'pred_boxes': b} for a, b in zip(logits[:-1], boxes[:-1])]
+    if self.aux_loss: out['aux_outputs'] = aux_outputs(logits, boxes)
     return out
 
 # %% ../nbs/16_dab_detr.ipynb #31127b0b
@@ -171,7 +160,7 @@ def build_model(cfg: DABDETRConfig) -> DABDETR:
 
 def build_criterion(cfg: DABDETRConfig) -> nn.Module:
     "DAB-DETR's set criterion: focal matcher and loss, `weight_dict` with the `_0 .. _{L-2}` auxiliary keys."
-    return build_set_criterion('dab_detr', num_classes=cfg.num_classes, dec_layers=cfg.dec_layers, aux_loss=cfg.aux_loss,
+    return build_set_criterion(DABSetCriterion, num_classes=cfg.num_classes, dec_layers=cfg.dec_layers, aux_loss=cfg.aux_loss,
                                set_cost_class=cfg.set_cost_class, set_cost_bbox=cfg.set_cost_bbox, set_cost_giou=cfg.set_cost_giou,
                                cls_loss_coef=cfg.cls_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef, giou_loss_coef=cfg.giou_loss_coef,
                                focal_alpha=cfg.focal_alpha)
@@ -179,3 +168,8 @@ def build_criterion(cfg: DABDETRConfig) -> nn.Module:
 def build_postprocess(cfg: DABDETRConfig) -> nn.Module:
     "Sigmoid scores, the `num_select` best (query, class) pairs per image, absolute xyxy boxes."
     return PostProcessTopK(cfg.num_select)
+
+# %% ../nbs/16_dab_detr.ipynb #e5ad4b24
+FAMILY = register(Family('dab_detr', 'DAB-DETR', DABDETRConfig, build_model, build_criterion, build_postprocess,
+                         presets=PRESETS, train_presets=train_presets(), other_num_classes=20, read_args=read_args,
+                         state_dict_keys=('refpoint_embed.weight',), args_keys=('modelname',)))

@@ -4,13 +4,10 @@
 
 # %% ../nbs/12_deformable_detr.ipynb #b98ea2d8
 from __future__ import annotations
-import copy, math
-from argparse import Namespace
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+import copy
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
 
@@ -18,13 +15,13 @@ from .box_ops import inverse_sigmoid
 from .backbone import build_backbone, pad_images, downsample_mask
 from .transformer import MLP
 from .deformable_transformer import DeformableTransformer, TwoStageDeformableTransformer
-from .criterion import build_set_criterion, total_loss, PostProcessTopK, SetCriterion
+from .criterion import build_set_criterion, PostProcessTopK, SetCriterion, FocalSetCriterion
+from .family import Family, register, aux_outputs, init_prior_bias_, train_presets
 
 # %% auto #0
-__all__ = ['VARIANTS', 'PRESETS', 'MODEL_CLASSES', 'DeformableDETRConfig', 'official_num_classes', 'variant_from_flags',
-           'config_from_args', 'preset', 'make_input_proj', 'project_levels', 'make_heads', 'box_from_reference',
-           'DeformableDETR', 'aux_outputs', 'DeformableDETRBoxRefine', 'DeformableDETRTwoStage', 'build_model',
-           'build_criterion', 'build_postprocess']
+__all__ = ['VARIANTS', 'PRESETS', 'MODEL_CLASSES', 'FAMILY', 'DeformableDETRConfig', 'variant_from_flags', 'read_args',
+           'make_input_proj', 'project_levels', 'make_heads', 'box_from_reference', 'DeformableDETR',
+           'DeformableDETRBoxRefine', 'DeformableDETRTwoStage', 'build_model', 'build_criterion', 'build_postprocess']
 
 # %% ../nbs/12_deformable_detr.ipynb #65b8a0c9
 VARIANTS = ('plain', 'box_refine', 'two_stage')
@@ -83,26 +80,18 @@ class DeformableDETRConfig:
     def two_stage(self) -> bool: return self.variant == 'two_stage'                        # the official flag
 
 # %% ../nbs/12_deformable_detr.ipynb #932c6a0d
-def official_num_classes(dataset_file: str) -> int:
-    "`num_classes` as the official Deformable DETR `build(args)` sets it."
-    return {'coco': 91, 'coco_panoptic': 250}.get(dataset_file, 2)
-
 def variant_from_flags(with_box_refine: bool, two_stage: bool) -> str:
     if two_stage and not with_box_refine:
         raise ValueError("two_stage without with_box_refine is not a working official configuration "
                          "(its decoder has no box heads for the proposals); use variant='two_stage'")
     return 'two_stage' if two_stage else 'box_refine' if with_box_refine else 'plain'
 
-def config_from_args(args: Mapping|Namespace) -> DeformableDETRConfig:
-    "A `DeformableDETRConfig` from the official argparse namespace (or a dict); missing fields keep their defaults."
-    a = dict(vars(args) if isinstance(args, Namespace) else args)
-    if a.get('masks'): raise NotImplementedError("the segmentation head (--masks) is not part of detr_explained")
-    kw = {f.name: a[f.name] for f in fields(DeformableDETRConfig) if f.name in a}
-    if 'lr_linear_proj_names' in kw: kw['lr_linear_proj_names'] = tuple(kw['lr_linear_proj_names'])
+def read_args(a: dict) -> dict:
+    "The config values of the official flags that are not fields: the variant, and the projection names as a tuple."
+    kw = {'lr_linear_proj_names': tuple(a['lr_linear_proj_names'])} if 'lr_linear_proj_names' in a else {}
     if 'with_box_refine' in a or 'two_stage' in a:
         kw['variant'] = variant_from_flags(a.get('with_box_refine', False), a.get('two_stage', False))
-    if 'num_classes' not in a and 'dataset_file' in a: kw['num_classes'] = official_num_classes(a['dataset_file'])
-    return DeformableDETRConfig(**kw)
+    return kw
 
 # %% ../nbs/12_deformable_detr.ipynb #18e8a634
 PRESETS: dict[str, DeformableDETRConfig] = {
@@ -116,10 +105,6 @@ PRESETS: dict[str, DeformableDETRConfig] = {
                                                                  dropout=0.0, num_queries=30, lr_backbone=1e-4, batch_size=4),
 }
 
-def preset(name: str, **overrides) -> DeformableDETRConfig:
-    "A named configuration with any field overridden: `preset('deformable_detr_small', variant='box_refine')`."
-    if name not in PRESETS: raise KeyError(f"unknown Deformable DETR preset {name!r}; available: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 # %% ../nbs/12_deformable_detr.ipynb #1186dedd
 def make_input_proj(backbone_channels: list[int], # channels of the backbone levels used
@@ -156,9 +141,8 @@ def project_levels(input_proj: nn.ModuleList, # from make_input_proj
 def make_heads(hidden_dim: int, num_classes: int) -> tuple[nn.Linear, MLP]:
     "One class head (prior-probability bias) and one box head (last layer zero), official init."
     class_embed, bbox_embed = nn.Linear(hidden_dim, num_classes), MLP(hidden_dim, hidden_dim, 4, 3)
-    with torch.no_grad():
-        class_embed.bias.fill_(-math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(bbox_embed.layers[-1].weight); nn.init.zeros_(bbox_embed.layers[-1].bias)
+    init_prior_bias_(class_embed)                                       # sigmoid scores start at 0.01 (09_family)
+    nn.init.zeros_(bbox_embed.layers[-1].weight); nn.init.zeros_(bbox_embed.layers[-1].bias)
     return class_embed, bbox_embed
 
 def box_from_reference(delta: Tensor, # (..., 4) box head output
@@ -204,9 +188,6 @@ def predict(self: DeformableDETR,
     boxes = torch.stack([box_from_reference(self.bbox_embed[l](hs[l]), references[l]) for l in range(len(hs))])
     return logits, boxes
 
-def aux_outputs(logits: Tensor, boxes: Tensor) -> list[dict]: # (n, B, Q, K), (n, B, Q, 4)
-    "Per decoder layer 0..n-2: `{'pred_logits', 'pred_boxes'}` (the last layer is the main output)."
-    return [{'pred_logits': a, 'pred_boxes': b} for a, b in zip(logits[:-1], boxes[:-1])]
 
 # %% ../nbs/12_deformable_detr.ipynb #76763795
 @patch
@@ -272,12 +253,19 @@ def build_model(cfg: DeformableDETRConfig) -> DeformableDETR:
 # %% ../nbs/12_deformable_detr.ipynb #765adc4a
 def build_criterion(cfg: DeformableDETRConfig) -> SetCriterion:
     "Focal-cost Hungarian matcher + focal SetCriterion (labels, boxes, cardinality) with the official weight_dict."
-    return build_set_criterion('deformable_detr', num_classes=cfg.num_classes, dec_layers=cfg.dec_layers,
+    return build_set_criterion(FocalSetCriterion, num_classes=cfg.num_classes, dec_layers=cfg.dec_layers,
                                aux_loss=cfg.aux_loss, set_cost_class=cfg.set_cost_class, set_cost_bbox=cfg.set_cost_bbox,
                                set_cost_giou=cfg.set_cost_giou, cls_loss_coef=cfg.cls_loss_coef,
                                bbox_loss_coef=cfg.bbox_loss_coef, giou_loss_coef=cfg.giou_loss_coef,
-                               focal_alpha=cfg.focal_alpha, matcher_focal_alpha=0.25)
+                               focal_alpha=cfg.focal_alpha, matcher_focal_alpha=0.25,   # hard-coded in the official matcher
+                               enc_weights=True)                                        # the official builder always adds `_enc`
 
 def build_postprocess(cfg: DeformableDETRConfig) -> PostProcessTopK:
     "Sigmoid, the best `num_select` (query, class) pairs per image, boxes to absolute xyxy."
     return PostProcessTopK(num_select=cfg.num_select)
+
+# %% ../nbs/12_deformable_detr.ipynb #27993eae
+FAMILY = register(Family('deformable_detr', 'Deformable DETR', DeformableDETRConfig, build_model, build_criterion,
+                         build_postprocess, presets=PRESETS, train_presets=train_presets(demo=dict(variant='box_refine')),
+                         other_num_classes=2, read_args=read_args, state_dict_keys=('transformer.level_embed',),
+                         args_keys=('num_feature_levels',)))

@@ -4,21 +4,18 @@
 
 # %% ../nbs/06_detr.ipynb #2d87e618
 from __future__ import annotations
-from argparse import Namespace
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn, Tensor
 
 from .backbone import build_backbone, pad_images
 from .transformer import Transformer, MLP
-from .matcher import HungarianMatcher
-from .criterion import SetCriterion, PostProcess, loss_weights
+from .criterion import SetCriterion, PostProcess, build_set_criterion
+from .family import Family, register, aux_outputs, train_presets
 
 # %% auto #0
-__all__ = ['PRESETS', 'DETRConfig', 'official_num_classes', 'config_from_args', 'preset', 'DETR', 'aux_outputs', 'build_model',
-           'build_criterion', 'build_postprocess']
+__all__ = ['PRESETS', 'FAMILY', 'DETRConfig', 'DETR', 'build_model', 'build_criterion', 'build_postprocess']
 
 # %% ../nbs/06_detr.ipynb #7139f57a
 @dataclass
@@ -59,19 +56,6 @@ class DETRConfig:
     clip_max_norm: float = 0.1           # gradient clipping (max L2 norm); 0 = none
     batch_size: int = 2
 
-# %% ../nbs/06_detr.ipynb #351286c4
-def official_num_classes(dataset_file: str) -> int:
-    "`num_classes` as the official DETR `build(args)` sets it from `--dataset_file`."
-    return {'coco': 91, 'coco_panoptic': 250}.get(dataset_file, 20)
-
-def config_from_args(args: Mapping|Namespace) -> DETRConfig:
-    "A `DETRConfig` from the official argparse namespace (or a dict); missing fields keep their defaults."
-    a = dict(vars(args) if isinstance(args, Namespace) else args)
-    if a.get('masks'): raise NotImplementedError("DETR's segmentation head (--masks) is not part of detr_explained")
-    kw = {f.name: a[f.name] for f in fields(DETRConfig) if f.name in a}
-    if 'num_classes' not in a and 'dataset_file' in a: kw['num_classes'] = official_num_classes(a['dataset_file'])
-    return DETRConfig(**kw)
-
 # %% ../nbs/06_detr.ipynb #677fe8aa
 PRESETS: dict[str, DETRConfig] = {
     'detr_r50':      DETRConfig(),
@@ -82,10 +66,6 @@ PRESETS: dict[str, DETRConfig] = {
                                 dim_feedforward=512, num_queries=30),
 }
 
-def preset(name: str, **overrides) -> DETRConfig:
-    "A named configuration, with any field overridden: `preset('detr_small', num_classes=3)`."
-    if name not in PRESETS: raise KeyError(f"unknown DETR preset {name!r}; available: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 # %% ../nbs/06_detr.ipynb #82120beb
 class DETR(nn.Module):
@@ -116,11 +96,6 @@ class DETR(nn.Module):
         if self.aux_loss: out['aux_outputs'] = aux_outputs(logits, boxes)
         return out
 
-def aux_outputs(logits: Tensor, # (L, B, Q, K+1)
-                boxes: Tensor,  # (L, B, Q, 4)
-               ) -> list[dict]:
-    "Per decoder layer 0..L-2: `{'pred_logits', 'pred_boxes'}` (the last layer is the main output)."
-    return [{'pred_logits': a, 'pred_boxes': b} for a, b in zip(logits[:-1], boxes[:-1])]
 
 # %% ../nbs/06_detr.ipynb #b5c56773
 def build_model(cfg: DETRConfig) -> DETR:
@@ -134,11 +109,16 @@ def build_model(cfg: DETRConfig) -> DETR:
 # %% ../nbs/06_detr.ipynb #575d9ba5
 def build_criterion(cfg: DETRConfig) -> SetCriterion:
     "Hungarian matcher + the softmax cross-entropy SetCriterion (labels, boxes, cardinality) of DETR."
-    matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou)
-    weights = loss_weights(1, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.dec_layers, cfg.aux_loss)
-    return SetCriterion(cfg.num_classes, matcher, weights, eos_coef=cfg.eos_coef,
-                        losses=('labels', 'boxes', 'cardinality'))
+    return build_set_criterion(SetCriterion, cfg.num_classes, cfg.dec_layers, cfg.aux_loss,
+                               cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou,
+                               1, cfg.bbox_loss_coef, cfg.giou_loss_coef, eos_coef=cfg.eos_coef)   # loss_ce weighs 1
 
 def build_postprocess(cfg: DETRConfig) -> PostProcess:
     "Softmax, best real class per query, boxes to absolute xyxy."
     return PostProcess()
+
+# %% ../nbs/06_detr.ipynb #6ae99616
+FAMILY = register(Family('detr', 'DETR', DETRConfig, build_model, build_criterion, build_postprocess,
+                         presets=PRESETS, train_presets=train_presets(), other_num_classes=20,
+                         state_dict_keys=('query_embed.weight', 'transformer.decoder.norm.weight'),
+                         args_keys=('eos_coef', 'num_queries')))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_hub.ipynb #22c69b3f
 from __future__ import annotations
-import argparse, hashlib, http.client, http.server, os, pickle, re, socket, sys, threading, time
+import argparse, hashlib, http.client, json, os, re, socket, sys, time, zipfile
 import urllib.error, urllib.parse, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +13,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .official import (FAMILIES, CheckpointMismatch, as_arg_dict, family_module, from_official, official_config,
-                                     split_checkpoint)
+from .family import as_arg_dict, family_names, family_of_args, family_of_state_dict
+from .core import atomic_write_json
+from .official import CheckpointError, from_official, load_checkpoint, split_checkpoint
+from .official import CheckpointMismatch, UnsafeCheckpointError  # noqa: F401 (the hub's users catch them)
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'OFFICIAL_CHECKPOINTS', 'HASH_REGEX', 'cache_dir', 'OfficialCheckpoint', 'checkpoint_table',
-           'hash_prefix', 'sha256_file', 'Fault', 'LocalFileServer', 'DownloadError', 'download',
-           'UnsafeCheckpointError', 'load_checkpoint', 'checkpoint_contents', 'family_of_state_dict', 'family_of_args',
-           'describe_mismatch', 'resolve_checkpoint', 'CheckpointMismatchError', 'CheckpointInfo',
-           'from_official_checkpoint', 'add_fetch_args', 'run_fetch', 'main_fetch']
+           'hash_prefix', 'sha256_file', 'DownloadError', 'download', 'checkpoint_contents', 'check_torch_file',
+           'resolve_checkpoint', 'CheckpointInfo', 'from_official_checkpoint', 'add_fetch_args', 'run_fetch',
+           'main_fetch']
 
 # %% ../nbs/30_hub.ipynb #f479458b
 CACHE_ENV = 'DETR_EXPLAINED_CACHE'
@@ -79,6 +80,10 @@ OFFICIAL_CHECKPOINTS = {c.name: c for c in [
     _dab('dab-detr-r50-dc5', 44.5, dilation=True),
     _dab('dab-detr-r50-dc5-fixxy', 44.7, dilation=True, random_refpoints_xy=True),
     _dab('dab-detr-r50-dc5-3pat', 45.7, dilation=True, num_patterns=3),
+    OfficialCheckpoint('dab-deformable-detr-r50-v2', 'dab_deformable_detr', {'modelname': 'dab_deformable_detr'}, 48.7,
+                       'dab-deformable-detr-r50-v2.pth', None,
+                       'https://github.com/IDEA-Research/DAB-DETR#eval-our-pretrianed-models (Google Drive folder '
+                       'https://drive.google.com/drive/folders/1uP9N0HIBPB6OPxLq5aqeIfKNOFFYQl2t: the checkpoint file)'),
 ]}
 
 # %% ../nbs/30_hub.ipynb #e2d9c95e
@@ -94,9 +99,10 @@ def checkpoint_table() -> str:
 HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')  # torch.hub's rule
 
 def hash_prefix(filename:str) -> str|None:
-    "The SHA-256 prefix a file name promises (`detr-r50-e632da11.pth` -> 'e632da11'), or None."
+    "The SHA-256 prefix a file name promises (`detr-r50-e632da11.pth` -> 'e632da11'), or None (`detr-epoch-0050.pth`)."
     m = HASH_REGEX.search(Path(filename).name)
-    return (m.group(1) or None) if m else None
+    found = m.group(1) if m else ''
+    return found if len(found) >= 8 and not found.isdigit() else None
 
 def sha256_file(path:Path|str, chunk:int=1<<20) -> str:
     "Hex SHA-256 digest of a file, read in chunks."
@@ -104,97 +110,6 @@ def sha256_file(path:Path|str, chunk:int=1<<20) -> str:
     with open(path, 'rb') as f:
         while block := f.read(chunk): h.update(block)
     return h.hexdigest()
-
-# %% ../nbs/30_hub.ipynb #2a6458a4
-@dataclass
-class Fault:
-    "One misbehaviour of `LocalFileServer`, used up by one request."
-    status: int|None = None       # answer this HTTP status instead of the file (404, 503, ...)
-    drop_after: int|None = None   # send this many body bytes, then close the connection
-    ignore_range: bool = False    # answer 200 with the whole file even when a Range was asked
-
-# %% ../nbs/30_hub.ipynb #166b91e9
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    "GET/HEAD of files under `server.owner.root`, with single-range requests and `Fault`s."
-    def log_message(self, *args): pass
-    def do_HEAD(self): self._serve(body=False)
-    def do_GET(self): self._serve(body=True)
-
-    def _serve(self, body):
-        owner = self.server.owner
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        entry = dict(path=path, range=self.headers.get('Range'), status=None, start=0, sent=0)
-        owner.log.append(entry)
-        fault = owner._next_fault(path)
-        file = owner._file(path)
-        if fault.status or file is None: return self._empty(entry, fault.status or 404)
-        size = file.stat().st_size
-        start, end, status = 0, size - 1, 200
-        m = re.fullmatch(r'bytes=(\d+)-(\d*)', (entry['range'] or '').strip())
-        if m and not fault.ignore_range:
-            start, status = int(m[1]), 206
-            if m[2]: end = min(int(m[2]), size - 1)
-            if start >= size: return self._empty(entry, 416, {'Content-Range': f'bytes */{size}'})
-        self._send_file(entry, file, start, end, status, size, body, fault.drop_after)
-
-    def _empty(self, entry, status, headers={}):
-        entry['status'] = status
-        self.send_response(status)
-        for k, v in {**headers, 'Content-Length': '0'}.items(): self.send_header(k, v)
-        self.end_headers()
-
-    def _send_file(self, entry, file, start, end, status, size, body, drop_after):
-        entry.update(status=status, start=start)
-        length = end - start + 1
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/octet-stream')
-        self.send_header('Content-Length', str(length))
-        self.send_header('Accept-Ranges', 'bytes')
-        if status == 206: self.send_header('Content-Range', f'bytes {start}-{end}/{size}')
-        self.end_headers()
-        if not body: return
-        todo = length if drop_after is None else min(length, drop_after)
-        with open(file, 'rb') as f:
-            f.seek(start)
-            while todo > 0 and (block := f.read(min(todo, 1 << 16))):
-                self.wfile.write(block); todo -= len(block); entry['sent'] += len(block)
-        if entry['sent'] < length:  # a dropped connection: stop short of Content-Length
-            self.wfile.flush(); self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-# %% ../nbs/30_hub.ipynb #54d45b24
-class LocalFileServer:
-    "Serve `root` over HTTP from a background thread, with Range requests and injectable `Fault`s."
-    def __init__(self, root:Path|str, # the folder to serve; URL path '/a/b.pth' is root/'a/b.pth'
-                 faults:dict|None=None, # {'/a/b.pth': [Fault(...), ...]}, used up one request at a time
-                 host:str='127.0.0.1', port:int=0): # port 0: any free port
-        self.root, self.host, self.port = Path(root), host, port
-        self.faults = {k: list(v) for k, v in (faults or {}).items()}
-        self.log, self._lock = [], threading.Lock()
-
-    def _next_fault(self, path) -> Fault:
-        with self._lock:
-            queue = self.faults.get(path)
-            return queue.pop(0) if queue else Fault()
-
-    def _file(self, path) -> Path|None:
-        parts = [p for p in path.split('/') if p]
-        if not parts or any(p in ('.', '..') for p in parts): return None  # no escape from root
-        f = self.root.joinpath(*parts)
-        return f if f.is_file() else None
-
-    def start(self):
-        self.httpd = http.server.ThreadingHTTPServer((self.host, self.port), _RangeHandler)
-        self.httpd.daemon_threads, self.httpd.owner = True, self
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self): self.httpd.shutdown(); self.httpd.server_close()
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
-    @property
-    def url(self) -> str: return f'http://{self.host}:{self.port}'
 
 # %% ../nbs/30_hub.ipynb #12fff132
 class DownloadError(RuntimeError):
@@ -209,10 +124,30 @@ def _content_range(value:str|None):
     return (int(m[1]) if m[1] else None), (int(m[2]) if m[2] != '*' else None)
 
 # %% ../nbs/30_hub.ipynb #2ad7612a
-def _fetch_once(url:str, f, bar, timeout:float) -> int|None:
+def _validators(headers) -> dict:
+    "The response's validators usable in If-Range: a strong ETag, the Last-Modified date, the total size."
+    etag = headers.get('ETag')
+    return {'etag': etag if etag and not etag.startswith('W/') else None, 'last_modified': headers.get('Last-Modified')}
+
+def _if_range(meta:dict) -> dict:
+    "The If-Range header for a resumed request (RFC 9110 §13.1.5): the ETag, else the date; none if neither is known."
+    validator = meta.get('etag') or meta.get('last_modified')
+    return {'If-Range': validator} if validator else {}
+
+def _changed(meta:dict, now:dict, total) -> str|None:
+    "Why the server's file is not the one the .part began with, or None."
+    if meta.get('etag') and now['etag'] and meta['etag'] != now['etag']: return f"ETag {meta['etag']} became {now['etag']}"
+    if meta.get('last_modified') and now['last_modified'] and meta['last_modified'] != now['last_modified']:
+        return f"Last-Modified {meta['last_modified']} became {now['last_modified']}"
+    if meta.get('total') and total and meta['total'] != total: return f"its size {meta['total']} became {total}"
+    return None
+
+_HTML_TYPES = ('text/html', 'application/xhtml+xml')
+
+def _fetch_once(url:str, f, bar, timeout:float, meta:dict, save_meta:Callable) -> int|None:
     "One request appended to the open `.part` file `f` (resuming it); returns the file's total size (None if unknown)."
     have = os.fstat(f.fileno()).st_size
-    headers = {'User-Agent': 'detr_explained', **({'Range': f'bytes={have}-'} if have else {})}
+    headers = {'User-Agent': 'detr_explained', **({'Range': f'bytes={have}-', **_if_range(meta)} if have else {})}
     try: resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have: raise
@@ -220,10 +155,18 @@ def _fetch_once(url:str, f, bar, timeout:float) -> int|None:
         if total == have: return total
         f.truncate(0); raise _Interrupted(f'server refused the range after {have} bytes; restarting') from e
     with resp:
+        kind = (resp.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+        if kind in _HTML_TYPES:
+            raise DownloadError(f'{url}: the server answered with an HTML page ({kind}), not the file: a login or error page, '
+                                'or a folder listing? Check the address')
         start, total = _content_range(resp.headers.get('Content-Range'))
+        now = _validators(resp.headers)
         if resp.status == 206 and start != have: raise DownloadError(f'{url}: asked for bytes {have}-, got {start}-')
-        if resp.status != 206:  # the whole file: start over
+        if resp.status == 206 and (why := _changed(meta, now, total)):
+            f.truncate(0); meta.clear(); raise _Interrupted(f'the file on the server changed since the first {have} bytes ({why}); restarting')
+        if resp.status != 206:  # the whole file (new, changed, or a server without ranges): start over
             f.truncate(0); have, total = 0, int(resp.headers['Content-Length']) if resp.headers.get('Content-Length') else None
+            meta.clear(); meta.update(now, total=total); save_meta(meta)
         bar.reset(total=total); bar.update(have)
         f.seek(0, os.SEEK_END)
         while block := resp.read(1 << 16):
@@ -263,23 +206,30 @@ def _lock(f, name:str):
     try: fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError: raise DownloadError(f'{name} is being downloaded by another process; try again when it has finished') from None
 
+def _read_meta(path:Path) -> dict:
+    "The validators saved beside a `.part` ({} if none, or unreadable)."
+    try: meta = json.loads(path.read_text())
+    except (OSError, ValueError): return {}
+    return meta if isinstance(meta, dict) else {}
+
 def download(url:str, # http(s):// or file:// address
              dst:Path|str, # the final file; bytes go to `<dst>.part` until verified
              sha256_prefix:str|None='auto', # SHA-256 prefix to check; 'auto': from the URL's file name; None: no check
              size:int|None=None, # expected size in bytes, if known
              check:Callable[[Path], None]|None=None, # extra check on the complete file (raise to reject)
              progress:bool=True, retries:int=5, timeout:float=60., backoff:float=1.) -> Path:
-    "Download `url` to `dst`, resuming an earlier `.part`, verifying size and hash; atomic, never half-written."
+    "Download `url` to `dst`, resuming an earlier `.part` of the same file, verifying size and hash; atomic, never half-written."
     dst = Path(dst).expanduser()
     if dst.exists(): return dst
     expected = hash_prefix(urllib.parse.urlsplit(url).path) if sha256_prefix == 'auto' else sha256_prefix
     dst.parent.mkdir(parents=True, exist_ok=True)
-    part = dst.with_name(dst.name + '.part')
+    part, meta_file = dst.with_name(dst.name + '.part'), dst.with_name(dst.name + '.part.meta')
     with open(part, 'ab') as f, tqdm(desc=dst.name, unit='B', unit_scale=True, unit_divisor=1024, disable=not progress, leave=False) as bar:
         _lock(f, dst.name)
+        meta = _read_meta(meta_file) if os.fstat(f.fileno()).st_size else {}
         try:
             for attempt in range(retries + 1):
-                try: total = _fetch_once(url, f, bar, timeout); break
+                try: total = _fetch_once(url, f, bar, timeout, meta, lambda m: atomic_write_json(meta_file, m)); break
                 except Exception as e:
                     if isinstance(e, DownloadError): raise
                     if not _retryable(e): raise DownloadError(f'{url}: {e}') from e
@@ -291,20 +241,8 @@ def download(url:str, # http(s):// or file:// address
             os.replace(part, dst)   # still holding the lock: nobody else writes it meanwhile
         finally:
             if part.exists() and part.stat().st_size == 0: part.unlink()   # nothing received: leave nothing behind
+            if not part.exists(): meta_file.unlink(missing_ok=True)
     return dst
-
-# %% ../nbs/30_hub.ipynb #eac1364c
-class UnsafeCheckpointError(RuntimeError):
-    "A checkpoint that cannot be read without unpickling arbitrary objects."
-
-def load_checkpoint(path:Path|str) -> dict:
-    "`torch.load(path, weights_only=True)` on CPU, allowing `argparse.Namespace` and nothing else."
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try: return torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f'{path} holds objects other than tensors, containers and argparse.Namespace, so it was not '
-                f'loaded (loading it would run code from the file). torch says: {str(e).splitlines()[-1][:300]}') from e
 
 # %% ../nbs/30_hub.ipynb #a6fd9e7d
 def checkpoint_contents(ckpt) -> tuple[dict, dict|None]:
@@ -312,100 +250,23 @@ def checkpoint_contents(ckpt) -> tuple[dict, dict|None]:
     state_dict, args = split_checkpoint(ckpt) if isinstance(ckpt, dict) else (ckpt, None)
     if not (isinstance(state_dict, dict) and state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values())):
         found = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"not a DETR-style checkpoint: expected a 'model' entry or a state_dict of tensors, found {found}")
+        raise CheckpointError(f"not a DETR-style checkpoint: expected a 'model' entry or a state_dict of tensors, found {found}")
     return dict(state_dict), (as_arg_dict(args) if args is not None else None)
 
-# %% ../nbs/30_hub.ipynb #081d3017
-def family_of_state_dict(state_dict:dict) -> str:
-    "'detr', 'deformable_detr' or 'dab_detr', from keys that only that family has."
-    anchors, levels = 'refpoint_embed.weight' in state_dict, 'transformer.level_embed' in state_dict
-    if anchors and levels: raise ValueError('this is a DAB-Deformable-DETR checkpoint (anchors and feature levels); the course builds DAB-DETR, not DAB-Deformable-DETR')
-    if anchors: return 'dab_detr'
-    if levels: return 'deformable_detr'
-    if 'query_embed.weight' in state_dict: return 'detr'
-    raise ValueError(f'cannot tell the family of a state_dict with keys {sorted(state_dict)[:6]}...: pass family=')
+# %% ../nbs/30_hub.ipynb #b3d0c1a2
+_LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a'   # pickle protocol 2, then LONG1 of 10 bytes: torch.save's legacy magic number
 
-def family_of_args(args:dict) -> str|None:
-    "The family the official `args` describe, or None if they do not say."
-    if 'modelname' in args: return {'dab_detr': 'dab_detr'}.get(args['modelname'], args['modelname'])
-    if 'num_feature_levels' in args: return 'deformable_detr'
-    if 'num_queries' in args and 'eos_coef' in args: return 'detr'
-    return None
-
-# %% ../nbs/30_hub.ipynb #63b72fea
-def _group_of(key:str) -> str:
-    "The block a key belongs to: up to the index after a 'layer…' name (a repeated block), else its module."
-    parts = key.split('.')
-    for j in range(1, len(parts) - 1):
-        if parts[j].isdigit() and 'layer' in parts[j - 1]: return '.'.join(parts[:j + 1])
-    return '.'.join(parts[:-1]) or key
-
-def _indices(ids:list[int]) -> str:
-    "[2, 3, 4, 5] -> '{2-5}', [1, 3] -> '{1,3}', [7] -> '7'."
-    if len(ids) == 1: return str(ids[0])
-    return f'{{{ids[0]}-{ids[-1]}}}' if ids == list(range(ids[0], ids[-1] + 1)) else '{' + ','.join(map(str, ids)) + '}'
-
-def _group(keys, limit:int=8) -> str:
-    "Keys grouped by block, repeated blocks merged: 'a.layers.2.x', 'a.layers.3.x', 'c.w' -> 'a.layers.{2-3}.* (2), c.w'."
-    blocks = {}   # block path with its index removed -> {index or None: [keys]}
-    for k in sorted(keys, key=lambda k: [(0, int(p), '') if p.isdigit() else (1, 0, p) for p in k.split('.')]):  # layers.2 before layers.10
-        base, _, last = _group_of(k).rpartition('.')
-        base, idx = (base, int(last)) if last.isdigit() and base else (_group_of(k), None)
-        blocks.setdefault(base, {}).setdefault(idx, []).append(k)
-    items = []
-    for base, by_idx in blocks.items():
-        n = sum(map(len, by_idx.values()))
-        ids = sorted(i for i in by_idx if i is not None)
-        if n == 1: items.append(next(iter(by_idx.values()))[0])
-        else: items.append(f'{base}.{_indices(ids)}.* ({n})' if ids else f'{base}.* ({n})')
-    return ', '.join(items[:limit]) + (f', ... and {len(items) - limit} more groups' if len(items) > limit else '')
-
-def _count_layers(keys, prefix:str) -> int:
-    "Number of `prefix.<i>.` blocks among `keys`."
-    ids = {int(m[1]) for k in keys if (m := re.match(re.escape(prefix) + r'\.(\d+)\.', k))}
-    return len(ids)
-
-# %% ../nbs/30_hub.ipynb #cdb9e9ed
-def describe_mismatch(model_shapes:dict, # {key: shape} of the model built from the configuration
-                      ckpt_shapes:dict,  # {key: shape} of the checkpoint's state_dict
-                     ) -> str:
-    "Missing, unexpected and mis-shaped tensors in plain words, with likely causes; '' if they agree."
-    missing = [k for k in model_shapes if k not in ckpt_shapes]
-    unexpected = [k for k in ckpt_shapes if k not in model_shapes]
-    reshaped = [k for k in model_shapes if k in ckpt_shapes and tuple(model_shapes[k]) != tuple(ckpt_shapes[k])]
-    lines = []
-    if missing: lines.append(f'- {_n(missing)} the model needs {_is(missing)} not in the checkpoint: {_group(missing)}')
-    if unexpected: lines.append(f'- {_n(unexpected)} in the checkpoint {_has(unexpected)} no place in the model: {_group(unexpected)}')
-    for k in reshaped[:6]:
-        lines.append(f'- {k} has shape {tuple(ckpt_shapes[k])} in the checkpoint but {tuple(model_shapes[k])} in the model')
-    if len(reshaped) > 6: lines.append(f'- ... and {len(reshaped) - 6} more tensors with another shape')
-    if not lines: return ''
-    lines += _mismatch_hints(model_shapes, ckpt_shapes, missing, unexpected, reshaped)
-    return '\n'.join(lines)
-
-def _n(keys) -> str: return f'{len(keys)} tensor' + ('s' if len(keys) != 1 else '')
-def _is(keys) -> str: return 'is' if len(keys) == 1 else 'are'
-def _has(keys) -> str: return 'has' if len(keys) == 1 else 'have'
-
-def _mismatch_hints(model_shapes, ckpt_shapes, missing, unexpected, reshaped) -> list[str]:
-    "Likely causes of a mismatch, as sentences."
-    hints = []
-    if unexpected and all(k.startswith('module.') for k in unexpected):
-        hints.append("It was saved from a DistributedDataParallel wrapper: strip the 'module.' prefix from its keys.")
-        ckpt_shapes = {k.removeprefix('module.'): v for k, v in ckpt_shapes.items()}   # compare what is inside
-    for part in ('encoder', 'decoder'):
-        prefix = f'transformer.{part}.layers'
-        n_model, n_ckpt = _count_layers(model_shapes, prefix), _count_layers(ckpt_shapes, prefix)
-        if n_model != n_ckpt: hints.append(f'The checkpoint has {n_ckpt} {part} layers, the configuration {n_model} '
-                                           f"(official flag --{part[:3]}_layers).")
-    cls = next((k for k in reshaped if re.fullmatch(r'class_embed(\.0)?\.bias', k)), None)
-    if cls: hints.append(f'The classifier has {ckpt_shapes[cls][0]} outputs in the checkpoint, {model_shapes[cls][0]} in the model: '
-                         'another number of classes (DETR adds one "no object" output).')
-    if any('backbone.0.body.layer3.' in k for k in missing + unexpected):
-        hints.append('The ResNet depth differs (resnet50 has 6 blocks in layer3, resnet101 23): check --backbone.')
-    if any(k.startswith(('transformer.enc_output', 'transformer.pos_trans')) for k in missing + unexpected):
-        hints.append('One side is two-stage Deformable DETR and the other is not: check --two_stage.')
-    return ['Likely causes:'] + [f'  {h}' for h in hints] if hints else []
+def check_torch_file(path:Path|str):
+    "Raise ValueError unless `path` is a file written by `torch.save` (zip archive with a data.pkl, or the legacy format)."
+    with open(path, 'rb') as f: head = f.read(64)
+    if head.startswith(b'PK\x03\x04'):
+        try:
+            with zipfile.ZipFile(path) as z: names = z.namelist()
+        except zipfile.BadZipFile as e: raise ValueError(f'a damaged zip archive ({e}), not a complete PyTorch checkpoint') from None
+        if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names): return
+        raise ValueError(f'a zip archive, but not one written by torch.save (no data.pkl among {names[:4]})')
+    if head.startswith(_LEGACY_TORCH_MAGIC): return
+    raise ValueError(f'not a PyTorch checkpoint (torch.save writes a zip archive or a pickle); it begins with {head[:40]!r}')
 
 # %% ../nbs/30_hub.ipynb #f20661f7
 def _entry_for_file(path) -> OfficialCheckpoint|None:
@@ -427,19 +288,16 @@ def resolve_checkpoint(source:str|Path, # catalogue name, local path, or http(s)
             raise FileNotFoundError(f'{source}: the authors publish this checkpoint only on a drive (large files there need a '
                                     f'confirmation in a browser). Get it from {entry.page} and pass its path, or save it as {cached}')
         url = f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
-        return download(url, cached, progress=progress), entry
+        return download(url, cached, check=check_torch_file, progress=progress), entry
     if urllib.parse.urlsplit(source).scheme in ('http', 'https', 'file'):
         name = Path(urllib.parse.urlsplit(source).path).name
-        return download(source, folder/name, progress=progress), _entry_for_file(name)
+        return download(source, folder/name, check=check_torch_file, progress=progress), _entry_for_file(name)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f'{source}: no such file, and not a known checkpoint name ({", ".join(OFFICIAL_CHECKPOINTS)})')
     return path, _entry_for_file(path)
 
 # %% ../nbs/30_hub.ipynb #e1abeb4f
-class CheckpointMismatchError(CheckpointMismatch):
-    "`official.CheckpointMismatch`, explained: the keys grouped by module, and the likely causes."
-
 @dataclass
 class CheckpointInfo:
     "Where a model's weights came from."
@@ -462,23 +320,9 @@ def _configuration(state_dict, file_args, family, args, entry) -> tuple[str, dic
                            f'configured. Pass preset= (one of {", ".join(OFFICIAL_CHECKPOINTS)}), or args= with the official '
                            f'flags it was trained with (its keys look like family {keys_family!r}).')
     args, family = {**base, **args}, family or said or keys_family
-    if family not in FAMILIES: raise ValueError(f'family {family!r}: the course builds {FAMILIES}')
+    if family not in family_names(): raise ValueError(f'family {family!r}: the course builds {family_names()}')
     if family != keys_family: raise ValueError(f'the configuration says {family!r} but the weights are {keys_family!r}')
     return family, args
-
-# %% ../nbs/30_hub.ipynb #e38c1bc8
-def _load_into_library(family, state_dict, args) -> torch.nn.Module:
-    "`official.from_official`, with a failure explained by `describe_mismatch` (grouped keys, likely causes)."
-    try: return from_official(family, state_dict, args)
-    except CheckpointMismatch as e:
-        model = family_module(family).build_model(official_config(family, args))
-        report = describe_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                   {k: tuple(v.shape) for k, v in state_dict.items()})
-        flags = ', '.join(f'{k}={v!r}' for k, v in args.items() if k in _DESCRIBING_FLAGS) or 'the default flags'
-        raise CheckpointMismatchError(f'The checkpoint does not fit a {family} model built with {flags}:\n{report}') from e
-
-_DESCRIBING_FLAGS = ('backbone', 'dilation', 'hidden_dim', 'enc_layers', 'dec_layers', 'num_queries', 'num_classes',
-                     'num_feature_levels', 'with_box_refine', 'two_stage', 'num_patterns', 'random_refpoints_xy')
 
 # %% ../nbs/30_hub.ipynb #bfb08a84
 def from_official_checkpoint(source:str|Path, # catalogue name ('detr-r50'), local path, or http(s)/file URL
@@ -494,7 +338,7 @@ def from_official_checkpoint(source:str|Path, # catalogue name ('detr-r50'), loc
     ckpt = load_checkpoint(path)
     state_dict, file_args = checkpoint_contents(ckpt)
     family, cfg_args = _configuration(state_dict, file_args, family, args, entry)
-    model = _load_into_library(family, state_dict, cfg_args)
+    model = from_official(family, state_dict, cfg_args)
     extra = {k: v for k, v in ckpt.items() if k in ('epoch',)} if 'model' in ckpt else {}
     model.checkpoint_info = CheckpointInfo(str(source), Path(path), family, cfg_args, entry.name if entry else None, extra)
     return model.eval()
@@ -525,7 +369,7 @@ def run_fetch(ns:argparse.Namespace) -> int:
                 model = from_official_checkpoint(path, preset=ns.preset or (entry.name if entry else None), progress=False)
                 n = sum(p.numel() for p in model.state_dict().values())
                 print(f'  loaded into {type(model).__name__} ({model.checkpoint_info.family}), {n / 1e6:.1f} M numbers, strict: ok')
-        except (FileNotFoundError, DownloadError, UnsafeCheckpointError, CheckpointMismatchError, ValueError) as e:
+        except (FileNotFoundError, DownloadError, CheckpointError, ValueError) as e:
             print(f'{source}: {e}', file=sys.stderr); status = 1
     return status
 

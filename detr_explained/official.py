@@ -4,90 +4,174 @@
 
 # %% ../nbs/19_official.ipynb #5dd2afb1
 from __future__ import annotations
-import importlib
+import argparse, pickle, re, zipfile
 from argparse import Namespace
 from collections.abc import Mapping
-from types import ModuleType
+from pathlib import Path
 
+import torch
 from torch import nn
 
+from .family import as_arg_dict, family_names, get_family
+from . import detr, deformable_detr, dab_detr, dab_deformable_detr  # noqa: F401 (each registers its family)
+
 # %% auto #0
-__all__ = ['FAMILIES', 'family_module', 'as_arg_dict', 'split_checkpoint', 'CheckpointMismatch', 'state_dict_mismatch',
-           'official_config', 'from_official', 'official_criterion', 'official_postprocess']
+__all__ = ['FAMILIES', 'split_checkpoint', 'CheckpointError', 'UnsafeCheckpointError', 'CheckpointMismatch', 'load_checkpoint',
+           'describe_mismatch', 'state_dict_mismatch', 'load_weights', 'official_config', 'from_official',
+           'official_criterion', 'official_postprocess']
 
 # %% ../nbs/19_official.ipynb #3724d616
-FAMILIES = ('detr', 'deformable_detr', 'dab_detr')
-
-def family_module(family: str) -> ModuleType:
-    "The library module implementing `family` ('detr', 'deformable_detr' or 'dab_detr'), imported on first use."
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of: {', '.join(FAMILIES)}")
-    name = f'detr_explained.{family}'
-    try: return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name: raise            # the module exists but one of its own imports failed
-        raise ImportError(f"model family {family!r} is implemented by {name}, which is not in this "
-                          f"installation (export its notebook with nbdev-export)") from e
+FAMILIES = family_names()      # the families registered at import: ('detr', 'deformable_detr', 'dab_detr')
 
 # %% ../nbs/19_official.ipynb #f8471f63
-def as_arg_dict(args: Mapping|Namespace|None) -> dict:
-    "The official argparse namespace (or a dict, or None) as a plain dict."
-    if args is None: return {}
-    if isinstance(args, Namespace): return dict(vars(args))
-    if isinstance(args, Mapping): return dict(args)
-    raise TypeError(f"args must be an argparse.Namespace, a dict or None, not {type(args).__name__}")
-
 def split_checkpoint(obj: Mapping) -> tuple[Mapping, object]:
     "`(state_dict, args or None)` from an official checkpoint dict (`{'model': ..., 'args': ...}`) or a bare state_dict."
     if isinstance(obj, Mapping) and isinstance(obj.get('model'), Mapping): return obj['model'], obj.get('args')
     return obj, None
 
+# %% ../nbs/19_official.ipynb #f1f02b40
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used; the message names the file and what is wrong with it."
+
+class UnsafeCheckpointError(CheckpointError):
+    "A checkpoint that cannot be read without unpickling arbitrary objects (running code from the file)."
+
+class CheckpointMismatch(CheckpointError):
+    "A `state_dict` that does not fit the model built from the given configuration."
+
+# %% ../nbs/19_official.ipynb #df02ef8e
+def load_checkpoint(path: Path|str) -> dict:
+    "Read any checkpoint file on the CPU, safely: `torch.load(weights_only=True)` allowing `argparse.Namespace` only."
+    path = Path(path)
+    if not path.is_file(): raise CheckpointError(f"{path}: checkpoint not found")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try: return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            why = next((l.strip() for l in str(e).splitlines() if 'WeightsUnpickler error: Unsupported' in l), None)
+            if why is not None:                 # a class or function the file would have run; not a damaged file
+                raise UnsafeCheckpointError(
+                    f'{path} holds objects other than tensors, containers and argparse.Namespace, so it was not '
+                    f'loaded (loading it would run code from the file). torch says: {why[:300]}') from None
+            err = e
+        except Exception as e: err = e
+    if not zipfile.is_zipfile(path): raise CheckpointError(f"{path}: not a checkpoint (torch.save writes a zip archive; this file is not one)")
+    raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:150]})") from None
+
 # %% ../nbs/19_official.ipynb #0133dd62
-class CheckpointMismatch(ValueError):
-    "The official `state_dict` does not fit the model built from the given args."
+def _group_of(key:str) -> str:
+    "The block a key belongs to: up to the index after a 'layer…' name (a repeated block), else its module."
+    parts = key.split('.')
+    for j in range(1, len(parts) - 1):
+        if parts[j].isdigit() and 'layer' in parts[j - 1]: return '.'.join(parts[:j + 1])
+    return '.'.join(parts[:-1]) or key
 
-def _some(keys: list[str], n: int=8) -> str:
-    return ', '.join(keys[:n]) + (f' ... and {len(keys) - n} more' if len(keys) > n else '')
+def _indices(ids:list[int]) -> str:
+    "[2, 3, 4, 5] -> '{2-5}', [1, 3] -> '{1,3}', [7] -> '7'."
+    if len(ids) == 1: return str(ids[0])
+    return f'{{{ids[0]}-{ids[-1]}}}' if ids == list(range(ids[0], ids[-1] + 1)) else '{' + ','.join(map(str, ids)) + '}'
 
+def _group(keys, limit:int=8) -> str:
+    "Keys grouped by block, repeated blocks merged: 'a.layers.2.x', 'a.layers.3.x', 'c.w' -> 'a.layers.{2-3}.* (2), c.w'."
+    blocks = {}   # block path with its index removed -> {index or None: [keys]}
+    for k in sorted(keys, key=lambda k: [(0, int(p), '') if p.isdigit() else (1, 0, p) for p in k.split('.')]):  # layers.2 before layers.10
+        base, _, last = _group_of(k).rpartition('.')
+        base, idx = (base, int(last)) if last.isdigit() and base else (_group_of(k), None)
+        blocks.setdefault(base, {}).setdefault(idx, []).append(k)
+    items = []
+    for base, by_idx in blocks.items():
+        n = sum(map(len, by_idx.values()))
+        ids = sorted(i for i in by_idx if i is not None)
+        if n == 1: items.append(next(iter(by_idx.values()))[0])
+        else: items.append(f'{base}.{_indices(ids)}.* ({n})' if ids else f'{base}.* ({n})')
+    return ', '.join(items[:limit]) + (f', ... and {len(items) - limit} more groups' if len(items) > limit else '')
+
+def _count_layers(keys, prefix:str) -> int:
+    "Number of `prefix.<i>.` blocks among `keys`."
+    ids = {int(m[1]) for k in keys if (m := re.match(re.escape(prefix) + r'\.(\d+)\.', k))}
+    return len(ids)
+
+# %% ../nbs/19_official.ipynb #f5e66a1e
+def describe_mismatch(model_shapes:dict, # {key: shape} of the model built from the configuration
+                      ckpt_shapes:dict,  # {key: shape} of the checkpoint's state_dict
+                     ) -> str:
+    "Missing, unexpected and mis-shaped tensors in plain words, with likely causes; '' if they agree."
+    missing = [k for k in model_shapes if k not in ckpt_shapes]
+    unexpected = [k for k in ckpt_shapes if k not in model_shapes]
+    reshaped = [k for k in model_shapes if k in ckpt_shapes and tuple(model_shapes[k]) != tuple(ckpt_shapes[k])]
+    lines = []
+    if missing: lines.append(f'- {_n(missing)} the model needs {_is(missing)} not in the checkpoint: {_group(missing)}')
+    if unexpected: lines.append(f'- {_n(unexpected)} in the checkpoint {_has(unexpected)} no place in the model: {_group(unexpected)}')
+    for k in reshaped[:6]:
+        lines.append(f'- {k} has shape {tuple(ckpt_shapes[k])} in the checkpoint, {tuple(model_shapes[k])} in the model')
+    if len(reshaped) > 6: lines.append(f'- ... and {len(reshaped) - 6} more tensors with another shape')
+    if not lines: return ''
+    lines += _mismatch_hints(model_shapes, ckpt_shapes, missing, unexpected, reshaped)
+    return '\n'.join(lines)
+
+def _n(keys) -> str: return f'{len(keys)} tensor' + ('s' if len(keys) != 1 else '')
+def _is(keys) -> str: return 'is' if len(keys) == 1 else 'are'
+def _has(keys) -> str: return 'has' if len(keys) == 1 else 'have'
+
+def _mismatch_hints(model_shapes, ckpt_shapes, missing, unexpected, reshaped) -> list[str]:
+    "Likely causes of a mismatch, as sentences."
+    hints = []
+    if unexpected and all(k.startswith('module.') for k in unexpected):
+        hints.append("It was saved from a DistributedDataParallel wrapper: strip the 'module.' prefix from its keys.")
+        ckpt_shapes = {k.removeprefix('module.'): v for k, v in ckpt_shapes.items()}   # compare what is inside
+    for part in ('encoder', 'decoder'):
+        prefix = f'transformer.{part}.layers'
+        n_model, n_ckpt = _count_layers(model_shapes, prefix), _count_layers(ckpt_shapes, prefix)
+        if n_model != n_ckpt: hints.append(f'The checkpoint has {n_ckpt} {part} layers, the configuration {n_model} '
+                                           f"(official flag --{part[:3]}_layers).")
+    cls = next((k for k in reshaped if re.fullmatch(r'class_embed(\.0)?\.bias', k)), None)
+    if cls: hints.append(f'The classifier has {ckpt_shapes[cls][0]} outputs in the checkpoint, {model_shapes[cls][0]} in the model: '
+                         'another number of classes (DETR adds one "no object" output).')
+    if any('backbone.0.body.layer3.' in k for k in missing + unexpected):
+        hints.append('The ResNet depth differs (resnet50 has 6 blocks in layer3, resnet101 23): check --backbone.')
+    if any(k.startswith(('transformer.enc_output', 'transformer.pos_trans')) for k in missing + unexpected):
+        hints.append('One side is two-stage Deformable DETR and the other is not: check --two_stage.')
+    return ['Likely causes:'] + [f'  {h}' for h in hints] if hints else []
+
+# %% ../nbs/19_official.ipynb #d4ed940a
 def state_dict_mismatch(model: nn.Module, state_dict: Mapping) -> str|None:
-    "A plain-words description of how `state_dict` fails to fit `model`, or None if it fits exactly."
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}'
-              for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing: problems.append(f"{len(missing)} key(s) the model needs are missing from the checkpoint: {_some(missing)}")
-    if unexpected: problems.append(f"{len(unexpected)} key(s) in the checkpoint have no place in the model: {_some(unexpected)}")
-    if shapes: problems.append(f"{len(shapes)} tensor(s) have another shape: {_some(shapes, 4)}")
-    return '\n'.join(' - ' + p for p in problems) or None
+    "`describe_mismatch` of how `state_dict` fails to fit `model`, or None if it fits exactly."
+    report = describe_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                               {k: tuple(v.shape) for k, v in state_dict.items()})
+    return report or None
+
+def load_weights(model: nn.Module, state_dict: Mapping, source: str|Path='the checkpoint',
+                 hint: str='') -> nn.Module: # e.g. ' (another family or config?)'
+    "`model.load_state_dict(state_dict, strict=True)`, or a CheckpointMismatch that explains the difference."
+    problem = state_dict_mismatch(model, state_dict)
+    if problem: raise CheckpointMismatch(f"{source}: the weights do not fit the model{hint}:\n{problem}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
 
 # %% ../nbs/19_official.ipynb #d64b985d
 def official_config(family: str, args: Mapping|Namespace|None=None):
     "The family's config dataclass for the official argparse namespace `args`."
-    return family_module(family).config_from_args(as_arg_dict(args))
+    return get_family(family).config_from_args(args)
 
-def from_official(family: str, # 'detr', 'deformable_detr' or 'dab_detr'
+_DESCRIBING_FLAGS = ('backbone', 'dilation', 'hidden_dim', 'enc_layers', 'dec_layers', 'num_queries', 'num_classes',
+                     'num_feature_levels', 'with_box_refine', 'two_stage', 'num_patterns', 'random_refpoints_xy')
+
+def from_official(family: str, # a registered family: 'detr', 'deformable_detr', 'dab_detr', ...
                   state_dict: Mapping, # official state_dict, or a checkpoint dict holding it under 'model'
                   args: Mapping|Namespace|None=None, # official argparse namespace (or dict); None: the checkpoint's, else defaults
                  ) -> nn.Module:
     "The library's model for `args` with the official weights loaded strictly, in eval mode."
     state_dict, ckpt_args = split_checkpoint(state_dict)
-    mod = family_module(family)
-    model = mod.build_model(mod.config_from_args(as_arg_dict(args if args is not None else ckpt_args)))
-    problem = state_dict_mismatch(model, state_dict)
-    if problem:
-        raise CheckpointMismatch(f"the {family} checkpoint does not fit the model built from these args "
-                                 f"(check backbone, hidden_dim, layers, num_queries, num_classes, variant flags):\n{problem}")
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    fam, args = get_family(family), as_arg_dict(args if args is not None else ckpt_args)
+    flags = ', '.join(f'{k}={v!r}' for k, v in args.items() if k in _DESCRIBING_FLAGS) or 'the default flags'
+    return load_weights(fam.build_model(fam.config_from_args(args)), state_dict,
+                        f'the {family} checkpoint', f' built with {flags}').eval()
 
 def official_criterion(family: str, args: Mapping|Namespace|None=None) -> nn.Module:
     "The loss the official `build(args)` returns: matcher + SetCriterion, with its `weight_dict`."
-    mod = family_module(family)
-    return mod.build_criterion(mod.config_from_args(as_arg_dict(args)))
+    fam = get_family(family)
+    return fam.build_criterion(fam.config_from_args(args))
 
 def official_postprocess(family: str, args: Mapping|Namespace|None=None) -> nn.Module:
     "The official `postprocessors['bbox']` for `args`."
-    mod = family_module(family)
-    return mod.build_postprocess(mod.config_from_args(as_arg_dict(args)))
+    fam = get_family(family)
+    return fam.build_postprocess(fam.config_from_args(args))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_train.ipynb #8e1340c5
 from __future__ import annotations
-import dataclasses, importlib, io, json, math, random, time, zipfile
+import io, json, math, random, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -13,67 +13,42 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from torchvision.ops.misc import FrozenBatchNorm2d
-import matplotlib
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 
 from .core import atomic_save, atomic_write_bytes, atomic_write_text, set_seed
 from .data import CocoDetection, make_loader, DatasetError
-from . import official
-from .official import FAMILIES
+from .family import ConfigError, TRAIN_PRESET_NAMES, get_family
+from .official import CheckpointError, load_checkpoint, load_weights   # official: every family registered
 
 # %% auto #0
-__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'RESUMABLE', 'TrainingError', 'family_module', 'config_class', 'model_config',
-           'parse_overrides', 'TrainConfig', 'train_config', 'unfreeze_norms', 'adapt_backbone', 'param_groups',
-           'build_optimizer', 'NonFiniteLoss', 'weighted_loss', 'train_step', 'CheckpointError', 'rng_state',
-           'set_rng_state', 'load_checkpoint', 'check_compatible', 'load_weights', 'MetricsLog', 'Trainer',
-           'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
+__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'RESUMABLE', 'TrainingError', 'model_config', 'parse_overrides', 'TrainConfig',
+           'train_config', 'unfreeze_norms', 'adapt_backbone', 'param_groups', 'build_optimizer', 'NonFiniteLoss',
+           'weighted_loss', 'train_step', 'rng_state', 'set_rng_state', 'load_training_checkpoint', 'check_compatible',
+           'MetricsLog', 'Trainer', 'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
            'trainer_from_checkpoint']
 
 # %% ../nbs/22_train.ipynb #28ef3130
 class TrainingError(RuntimeError):
     "A training run cannot go on; the message says why and what is left on disk."
 
-def family_module(family: str):
-    "The module of a model family (from the registry in `official`): its Config class, build_model, build_criterion, build_postprocess."
-    if family not in FAMILIES: raise TrainingError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return official.family_module(family)
-
-def config_class(family: str) -> type:
-    "The family's config dataclass (DETRConfig, DeformableDETRConfig, DABDETRConfig)."
-    mod = family_module(family)
-    return next(v for k, v in vars(mod).items()
-                if k.endswith('Config') and dataclasses.is_dataclass(v) and v.__module__ == mod.__name__)
-
 # %% ../nbs/22_train.ipynb #eb1eb588
-_CPU_MODEL = dict(backbone='resnet18', lr_backbone=1e-4, dropout=0.0)
-PRESETS: dict[str, dict] = {
-    'official': {'train': {}, 'model': {}},
-    'small': {'train': dict(image_size=320, augment='multiscale', train_stem=True, trainable_norm=True, checkpoint_every=200),
-              'model': {'*': dict(_CPU_MODEL, hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
-                                  num_queries=30, batch_size=4, epochs=50, lr_drop=40)}},
-    'demo': {'train': dict(image_size=128, augment='flip', train_stem=True, trainable_norm=True, checkpoint_every=100),
-             'model': {'*': dict(_CPU_MODEL, hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=256,
-                                 num_queries=12, batch_size=4, epochs=5, lr_drop=4, lr=5e-4, lr_backbone=5e-4),
-                       'deformable_detr': dict(variant='box_refine')}},
-    'tiny': {'train': dict(image_size=64, augment='flip', checkpoint_every=1),
-             'model': {'*': dict(_CPU_MODEL, lr_backbone=0.0, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64,
-                                 num_queries=5, batch_size=2, epochs=2, lr_drop=100)}},
+PRESETS: dict[str, dict] = {   # TrainConfig changes; the model changes are the family's (Family.train_presets)
+    'official': {},
+    'small': dict(image_size=320, augment='multiscale', train_stem=True, trainable_norm=True, checkpoint_every=200),
+    'demo': dict(image_size=128, augment='flip', train_stem=True, trainable_norm=True, checkpoint_every=100),
+    'tiny': dict(image_size=64, augment='flip', checkpoint_every=1),
 }
+assert set(PRESETS) == set(TRAIN_PRESET_NAMES)
 
-def _field_names(cls) -> list[str]: return [f.name for f in fields(cls)]
+def _check_preset(preset: str):
+    if preset not in PRESETS: raise ConfigError(f"unknown training preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 def model_config(family: str, preset: str='official', **overrides):
-    "The family's official config with the preset's and then `overrides`' changes; unknown fields are an error."
-    if preset not in PRESETS: raise TrainingError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cls = config_class(family)
-    p = PRESETS[preset]['model']
-    changes = {**p.get('*', {}), **p.get(family, {})}
-    changes = {k: v for k, v in changes.items() if k in _field_names(cls)}     # a preset may name fields one family lacks
-    unknown = [k for k in overrides if k not in _field_names(cls)]
-    if unknown: raise TrainingError(f"{cls.__name__} has no field {unknown[0]!r}; its fields: {', '.join(_field_names(cls))}")
-    cfg = replace(cls(), **{**changes, **overrides})
+    "The family's config for a training preset with `overrides`' changes; an unknown family, preset or field is an error."
+    _check_preset(preset)
+    cfg = get_family(family).config(preset, **overrides)
     if hasattr(cfg, 'num_select') and 'num_select' not in overrides:    # top-k post-processing needs k <= Q * K
         cfg = replace(cfg, num_select=min(cfg.num_select, cfg.num_queries * cfg.num_classes))
     return cfg
@@ -103,7 +78,7 @@ def _parse_value(key: str, text: str, default):
 @dataclass
 class TrainConfig:
     "How a run is carried out (the model, loss and optimiser settings live in the family config)."
-    family: str = 'detr'             # 'detr', 'deformable_detr' or 'dab_detr'
+    family: str = 'detr'             # a registered family: 'detr', 'deformable_detr', 'dab_detr', ...
     preset: str = 'official'         # the preset the configs came from (recorded for the reader)
     image_size: int = 800            # validation shorter side; training sizes scale with it (data.make_coco_transforms)
     augment: str = 'official'        # 'official', 'multiscale', 'flip' or 'none'
@@ -121,8 +96,8 @@ class TrainConfig:
 
 def train_config(preset: str='official', **overrides) -> TrainConfig:
     "The preset's TrainConfig with `overrides`."
-    if preset not in PRESETS: raise TrainingError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return replace(TrainConfig(preset=preset), **{**PRESETS[preset]['train'], **overrides})
+    _check_preset(preset)
+    return replace(TrainConfig(preset=preset), **{**PRESETS[preset], **overrides})
 
 # %% ../nbs/22_train.ipynb #ff70a15b
 def unfreeze_norms(module: nn.Module) -> nn.Module:
@@ -188,9 +163,6 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     return logged
 
 # %% ../nbs/22_train.ipynb #e7e8ab09
-class CheckpointError(ValueError):
-    "A checkpoint that cannot be used; the message names the file and the mismatch."
-
 CHECKPOINT_FORMAT = 'detr_explained/checkpoint/v1'
 
 def rng_state() -> dict:
@@ -206,17 +178,15 @@ def set_rng_state(state: dict):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 # %% ../nbs/22_train.ipynb #6355faf3
-def load_checkpoint(path: Path|str) -> dict:
-    "Read a detr_explained checkpoint (weights only); a CheckpointError naming the file if it is not one."
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path): raise CheckpointError(f"{path}: not a checkpoint (torch.save writes a zip archive; this file is not one)")
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
+def load_training_checkpoint(path: Path|str) -> dict:
+    "Read a detr_explained training checkpoint (`official.load_checkpoint`); a CheckpointError naming the file if it is not one."
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         hint = " (an official checkpoint? load it with official.from_official)" if isinstance(ckpt, dict) and 'model' in ckpt else ''
         raise CheckpointError(f"{path}: not a detr_explained training checkpoint{hint}")
     return ckpt
+
+_WEIGHTS_HINT = ' (a checkpoint of another family or model size?)'   # for load_weights
 
 def check_compatible(ckpt: dict, path, family: str|None=None, model_cfg=None, num_classes: int|None=None):
     "Stop with the first difference between a checkpoint and what the caller expects of it."
@@ -231,18 +201,6 @@ def check_compatible(ckpt: dict, path, family: str|None=None, model_cfg=None, nu
 
 _RUNTIME_FIELDS = ('epochs', 'pretrained_backbone')          # may change when a run is resumed
 def _norm(v): return list(v) if isinstance(v, tuple) else v
-
-# %% ../nbs/22_train.ipynb #f1be2064
-def load_weights(model: nn.Module, state_dict: dict, path) -> nn.Module:
-    "`model.load_state_dict(state_dict)` (strict), with a CheckpointError naming the first key that does not fit."
-    mine = model.state_dict()
-    missing, unexpected = [k for k in mine if k not in state_dict], [k for k in state_dict if k not in mine]
-    if missing or unexpected: raise CheckpointError(f"{path}: the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} (another family or config?)")
-    shapes = [k for k in mine if mine[k].shape != state_dict[k].shape]
-    if shapes: raise CheckpointError(f"{path}: {shapes[0]} has shape {tuple(state_dict[shapes[0]].shape)} in the checkpoint, "
-                                     f"{tuple(mine[shapes[0]].shape)} in the model (a checkpoint of another model size?)")
-    model.load_state_dict(state_dict)
-    return model
 
 # %% ../nbs/22_train.ipynb #03689b78
 class MetricsLog:
@@ -278,7 +236,7 @@ class Trainer:
             raise TrainingError(f"num_classes={cfg.num_classes} but {train_ds.ann_file} has category ids up to {train_ds.num_classes - 1}")
         self.tcfg, self.cfg, self.train_ds, self.out = tcfg, cfg, train_ds, Path(out_dir)
         self.evaluate_fn, self.progress = evaluate_fn, progress
-        fam = family_module(tcfg.family)
+        fam = get_family(tcfg.family)
         set_seed(tcfg.seed)
         self.model = adapt_backbone(fam.build_model(cfg), tcfg.train_stem, tcfg.trainable_norm).to(tcfg.device)
         self.criterion, self.postprocess = fam.build_criterion(cfg).to(tcfg.device), fam.build_postprocess(cfg)
@@ -313,7 +271,7 @@ def save(self: Trainer) -> Path:
 def load_state(self: Trainer, ckpt: dict, path='checkpoint'):
     "Continue from a checkpoint made by `state()` with the same configs."
     check_compatible(ckpt, path, self.tcfg.family, self.cfg)
-    load_weights(self.model, ckpt['model'], path)
+    load_weights(self.model, ckpt['model'], path, _WEIGHTS_HINT)
     self.optimizer.load_state_dict(ckpt['optimizer']); self.scheduler.load_state_dict(ckpt['lr_scheduler'])
     self.epoch, self.step, self.global_step = ckpt['epoch'], ckpt['step'], ckpt['global_step']
     self.saved_step, self.last_eval = self.global_step, ckpt.get('last_eval')
@@ -437,20 +395,20 @@ def datasets_from_folder(root: Path|str, tcfg: TrainConfig) -> tuple[CocoDetecti
 # %% ../nbs/22_train.ipynb #d72f45e7
 def config_from_dict(family: str, d: dict):
     "The family config from a checkpoint's `model_config` dict (fields it does not know are an error)."
-    cls = config_class(family)
-    unknown = [k for k in d if k not in _field_names(cls)]
+    cls = get_family(family).Config
+    unknown = [k for k in d if k not in get_family(family).field_names]
     if unknown: raise CheckpointError(f"the checkpoint's model config has field {unknown[0]!r}, which {cls.__name__} does not know")
     return cls(**d)
 
 def model_from_checkpoint(path: Path|str, device: str='cpu') -> tuple[nn.Module, nn.Module, dict]:
     "(model in eval mode, postprocess, checkpoint) from a detr_explained checkpoint."
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     family, tcfg = ckpt['family'], ckpt['train_config']
     cfg = config_from_dict(family, ckpt['model_config'])
-    fam = family_module(family)
+    fam = get_family(family)
     model = adapt_backbone(fam.build_model(replace(cfg, pretrained_backbone=None) if hasattr(cfg, 'pretrained_backbone') else cfg),
                            tcfg['train_stem'], tcfg['trainable_norm'])
-    load_weights(model, ckpt['model'], path)
+    load_weights(model, ckpt['model'], path, _WEIGHTS_HINT)
     return model.to(device).eval(), fam.build_postprocess(cfg), ckpt
 
 RESUMABLE = {'train': ('checkpoint_every', 'eval_every', 'max_steps', 'time_limit', 'num_workers', 'device'), 'model': ('epochs',)}
@@ -463,7 +421,7 @@ def trainer_from_checkpoint(path: Path|str, train_ds: CocoDetection, out_dir: Pa
     train_changes, model_changes = train_changes or {}, model_changes or {}
     bad = [k for k in train_changes if k not in RESUMABLE['train']] + [k for k in model_changes if k not in RESUMABLE['model']]
     if bad: raise CheckpointError(f"{path}: {bad[0]} cannot change when a run is resumed (only {RESUMABLE})")
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     tcfg = replace(TrainConfig(**ckpt['train_config']), family=ckpt['family'], **train_changes)
     cfg = replace(config_from_dict(ckpt['family'], ckpt['model_config']), **model_changes)
     if hasattr(cfg, 'pretrained_backbone'): cfg = replace(cfg, pretrained_backbone=None)   # the weights are in the checkpoint

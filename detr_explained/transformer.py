@@ -4,11 +4,11 @@
 
 # %% ../nbs/05_transformer.ipynb #78f10218
 from __future__ import annotations
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+
+from .core import clones
 
 # %% auto #0
 __all__ = ['with_pos', 'get_activation', 'MLP', 'TransformerEncoderLayer', 'TransformerDecoderLayer', 'TransformerEncoder',
@@ -110,14 +110,11 @@ class TransformerDecoderLayer(nn.Module):
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
 # %% ../nbs/05_transformer.ipynb #092062f0
-def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
-
 class TransformerEncoder(nn.Module):
     "`num_layers` encoder layers (keys `layers.i`), optional final `norm` (pre-norm only)."
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module|None=None):
         super().__init__()
-        self.layers, self.num_layers, self.norm = _clones(encoder_layer, num_layers), num_layers, norm
+        self.layers, self.num_layers, self.norm = clones(encoder_layer, num_layers), num_layers, norm
 
     def forward(self, src, src_key_padding_mask=None, pos=None):  # (HW, B, C) -> (HW, B, C)
         for layer in self.layers: src = layer(src, src_key_padding_mask, pos)
@@ -129,7 +126,7 @@ class TransformerDecoder(nn.Module):
     def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module|None=None,
                  return_intermediate: bool=False):
         super().__init__()
-        self.layers, self.num_layers = _clones(decoder_layer, num_layers), num_layers
+        self.layers, self.num_layers = clones(decoder_layer, num_layers), num_layers
         self.norm, self.return_intermediate = norm, return_intermediate
 
     def forward(self, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None):

@@ -206,7 +206,7 @@ def test_not_a_checkpoint(tmp_path, capsys):
     torch.save({'model': {}}, tmp_path / 'official.pt')
     with pytest.raises(CheckpointError, match='not a checkpoint'): load_training_checkpoint(tmp_path / 'x.pt')
     with pytest.raises(CheckpointError, match='not a detr_explained training checkpoint'):
-        load_checkpoint(tmp_path / 'official.pt')
+        load_training_checkpoint(tmp_path / 'official.pt')
     err = cli_error(capsys, 'evaluate', '--checkpoint', tmp_path / 'no.pt', '--data', tmp_path)
     assert 'checkpoint not found' in err
 

@@ -1,7 +1,8 @@
 """Checkpoint downloads and loading (detr_explained.hub) against a real HTTP server on 127.0.0.1.
 
-The server (`hub.LocalFileServer`, http.server in a thread) supports Range requests and injects
-faults: dropped connections, error statuses, ignored ranges. The checkpoints it serves are the
+The server (`tests/http_server.LocalFileServer`, http.server in a thread) supports Range and
+If-Range requests and injects faults: dropped connections, error statuses, ignored ranges,
+HTML answers. The checkpoints it serves are the
 official DETR fixture written in both official layouts, under names whose SHA-256 prefix is
 right or wrong.
 """
@@ -14,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_explained.hub import (CACHE_ENV, _configuration, OFFICIAL_CHECKPOINTS, CheckpointMismatchError, DownloadError, Fault,
-                                LocalFileServer, UnsafeCheckpointError, cache_dir, checkpoint_contents, download,
+from detr_explained.hub import (CACHE_ENV, _configuration, OFFICIAL_CHECKPOINTS, DownloadError,
+                                UnsafeCheckpointError, cache_dir, checkpoint_contents, download,
                                 family_of_args, family_of_state_dict, from_official_checkpoint, hash_prefix,
                                 load_checkpoint, main_fetch, resolve_checkpoint, sha256_file)
-from detr_explained.official import from_official
+from detr_explained.official import CheckpointMismatch, from_official
+
+from http_server import Fault, LocalFileServer
 
 
 @pytest.fixture(autouse=True)
@@ -71,15 +74,26 @@ def _files(folder: Path): return sorted(p.name for p in folder.iterdir()) if fol
 
 # --- hash prefix and cache -------------------------------------------------------------------
 
-def test_hash_prefix_is_torch_hubs_rule():
-    names = [c.filename for c in OFFICIAL_CHECKPOINTS.values()] + [
-        'detr-r50-e632da11.pth', 'a-.pth', 'x-dc5-ab12.pth', 'resnet50-0676ba61.pth', 'noprefix.pth', 'a-b-c']
-    for n in names:
+def test_hash_prefix_is_torch_hubs_rule_without_numbers():
+    "torch.hub's regular expression, where what it finds is 8+ hex characters and not a number (an epoch, a date)."
+    for n in [c.filename for c in OFFICIAL_CHECKPOINTS.values()] + [
+            'detr-r50-e632da11.pth', 'a-.pth', 'x-dc5-ab12.pth', 'resnet50-0676ba61.pth', 'noprefix.pth', 'a-b-c']:
         m = torch.hub.HASH_REGEX.search(n)
-        assert hash_prefix(n) == ((m.group(1) or None) if m else None), n
+        hub = (m.group(1) or None) if m else None
+        assert hash_prefix(n) == (hub if hub and len(hub) >= 8 and not hub.isdigit() else None), n
     assert hash_prefix('detr-r101-dc5-a2e86def.pth') == 'a2e86def'
-    assert {c.name: hash_prefix(c.filename) for c in OFFICIAL_CHECKPOINTS.values() if c.url} == {
+    for n in ('detr-epoch-0050.pth', 'model-20240101.pth', 'dab-detr-r50-dc5.pth', 'run-abc123.pth'):
+        assert hash_prefix(n) is None, n
+    assert {c.name: hash_prefix(c.filename) for c in OFFICIAL_CHECKPOINTS.values() if hash_prefix(c.filename)} == {
         'detr-r50': 'e632da11', 'detr-r50-dc5': 'f0fb7ef5', 'detr-r101': '2c7b67e5', 'detr-r101-dc5': 'a2e86def'}
+
+
+def test_published_name_with_digits_downloads(root, srv, tmp_path):
+    "A checkpoint named like an epoch (detr-epoch-0050.pth) is not refused for a hash its name never promised."
+    shutil.copy(root[0]/'detr'/root[1]['bare'], root[0]/'detr'/'detr-epoch-0050.pth')
+    path, entry = resolve_checkpoint(f'{srv.url}/detr/detr-epoch-0050.pth', progress=False)
+    assert path == cache_dir('checkpoints')/'detr-epoch-0050.pth' and entry is None
+    assert sha256_file(path) == sha256_file(root[0]/'detr'/root[1]['bare'])
 
 
 def test_catalogue_addresses():
@@ -113,7 +127,7 @@ def test_giving_up_keeps_part_and_next_call_resumes(root, srv, tmp_path):
     srv.faults[path] = [Fault(drop_after=400_000), Fault(drop_after=100_000)]
     with pytest.raises(DownloadError, match='resumes from there'):
         download(srv.url + path, tmp_path/name, progress=False, retries=1, backoff=0)
-    assert _files(tmp_path) == [name + '.part']                       # never under the final name
+    assert _files(tmp_path) == [name + '.part', name + '.part.meta']  # never under the final name; validators beside it
     assert (tmp_path/(name + '.part')).stat().st_size == 500_000
     download(srv.url + path, tmp_path/name, progress=False)
     assert srv.log[-1]['range'] == 'bytes=500000-'
@@ -268,7 +282,7 @@ def test_cached_catalogue_file_is_used_without_network(root, detr_fx):
 
 def test_mismatch_is_explained_in_words(root, detr_fx):
     path = root[0]/'detr'/root[1]['training']
-    with pytest.raises(CheckpointMismatchError) as e:
+    with pytest.raises(CheckpointMismatch) as e:
         from_official_checkpoint(path, args={'dec_layers': 4, 'backbone': 'resnet34'})
     msg = str(e.value)
     assert "dec_layers=4" in msg and "backbone='resnet34'" in msg
@@ -303,3 +317,66 @@ def test_concurrent_download_of_the_same_file_is_refused(root, srv, tmp_path):
     assert srv.log == []
     download(f'{srv.url}/blob/{name}', tmp_path/name, progress=False)     # once the other one is gone
     assert _files(tmp_path) == [name]
+
+
+# --- the server's file changed, HTML answers, files that are not checkpoints ----------------------
+
+def _replace_file(path: Path, data: bytes):
+    "Write new bytes with a modification time one second later (a new release under the same name)."
+    path.write_bytes(data); st = path.stat(); os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize('server', ['honours If-Range', 'ignores If-Range', 'no validators'])
+def test_resumed_download_of_a_changed_file_restarts(tmp_path, server):
+    served = tmp_path/'served'; served.mkdir()
+    old, new = os.urandom(150_000), os.urandom(150_000 if server != 'no validators' else 160_000)
+    (served/'release.bin').write_bytes(old)
+    second = {'honours If-Range': Fault(), 'ignores If-Range': Fault(ignore_if_range=True), 'no validators': Fault(no_validators=True)}[server]
+    faults = {'/release.bin': [Fault(drop_after=60_000, no_validators=server == 'no validators'), second]}
+    with LocalFileServer(served, faults=faults) as srv:
+        url = f'{srv.url}/release.bin'
+        with pytest.raises(DownloadError, match='resumes from there'):
+            download(url, tmp_path/'c'/'release.bin', progress=False, retries=0)
+        _replace_file(served/'release.bin', new)
+        download(url, tmp_path/'c'/'release.bin', progress=False, backoff=0)
+    assert (tmp_path/'c'/'release.bin').read_bytes() == new
+    assert _files(tmp_path/'c') == ['release.bin']
+    statuses = [(e['status'], e['range'], e['if_range'] is not None) for e in srv.log]
+    if server == 'honours If-Range': assert statuses == [(200, None, False), (200, 'bytes=60000-', True)]
+    elif server == 'ignores If-Range': assert statuses == [(200, None, False), (206, 'bytes=60000-', True), (200, None, False)]
+    else: assert statuses == [(200, None, False), (206, 'bytes=60000-', False), (200, None, False)]   # caught by the size
+
+
+def test_unchanged_file_resumes_with_if_range(root, srv, tmp_path):
+    name = root[1]['blob']; srv.faults[f'/blob/{name}'] = [Fault(drop_after=500_000)]
+    with pytest.raises(DownloadError): download(f'{srv.url}/blob/{name}', tmp_path/name, progress=False, retries=0)
+    download(f'{srv.url}/blob/{name}', tmp_path/name, progress=False)
+    assert [(e['status'], e['range'], bool(e['if_range'])) for e in srv.log] == [(200, None, False), (206, 'bytes=500000-', True)]
+    assert sha256_file(tmp_path/name) == sha256_file(root[0]/'blob'/name)
+
+
+def test_html_answers_are_refused_before_a_byte_is_written(root, srv, tmp_path):
+    with pytest.raises(DownloadError, match=r'HTML page \(text/html\).*folder listing'):
+        download(f'{srv.url}/detr/', tmp_path/'model.pth', progress=False)         # a folder: its listing
+    srv.faults[f"/detr/{root[1]['bare']}"] = [Fault(content_type='text/html')]
+    with pytest.raises(DownloadError, match='HTML page'):
+        resolve_checkpoint(f"{srv.url}/detr/{root[1]['bare']}", progress=False)
+    assert _files(tmp_path) == ['cache'] and _files(cache_dir('checkpoints')) == []
+    assert [e['status'] for e in srv.log] == [200, 200]                              # not retried
+
+
+@pytest.mark.parametrize('content', [b'<!DOCTYPE html><html><body>Sign in</body></html>', b'PK\x03\x04 not a zip', b'\x00' * 100])
+def test_a_file_that_is_not_a_checkpoint_never_enters_the_cache(tmp_path, content):
+    (tmp_path/'s').mkdir(); (tmp_path/'s'/'model.pth').write_bytes(content)
+    with LocalFileServer(tmp_path/'s') as srv:
+        with pytest.raises(DownloadError, match='check failed: .*(not a PyTorch checkpoint|damaged zip).*Nothing was kept'):
+            resolve_checkpoint(f'{srv.url}/model.pth', progress=False)
+    assert _files(cache_dir('checkpoints')) == []
+
+
+def test_legacy_checkpoint_format_is_accepted(tmp_path, detr_fx):
+    (tmp_path/'s').mkdir()
+    torch.save({'model': detr_fx['state_dict']}, tmp_path/'s'/'legacy.pth', _use_new_zipfile_serialization=False)
+    with LocalFileServer(tmp_path/'s') as srv:
+        path, _ = resolve_checkpoint(f'{srv.url}/legacy.pth', progress=False)
+    assert sha256_file(path) == sha256_file(tmp_path/'s'/'legacy.pth')

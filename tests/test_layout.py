@@ -16,10 +16,12 @@ FLOORS = [
     ['deformable_transformer', 'dab_transformer'],
     ['matcher'],
     ['criterion'],
-    ['detr', 'deformable_detr', 'dab_detr'],
+    ['family'],
+    ['detr', 'deformable_detr', 'dab_detr', 'dab_deformable_detr'],
     ['official'],
     ['data', 'synthetic'],
     ['train', 'evaluate'],
+    ['course', 'race'],
     ['hub', 'coco_subset'],
     ['explore_base'],
     ['explore_detr', 'explore_deformable', 'explore_dab'],
@@ -58,6 +60,16 @@ def test_imports_point_downwards():
         for dep in _imports(p):
             if dep in RANK and RANK[dep] >= RANK[p.stem]: bad.append(f'{p.stem} imports {dep}')
     assert bad == [], bad
+
+
+def test_every_model_module_declares_its_family_on_the_floor_above_family():
+    "The modules that register a Family are exactly the models floor, and it sits right above `family`."
+    declaring = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_') and 'register(Family(' in p.read_text())
+    models_floor = FLOORS[RANK['family'][0] + 1]
+    assert declaring and sorted(models_floor) == declaring, (declaring, models_floor)
+    assert all(m in _imports(PKG/'official.py') for m in declaring), "official.py must import every family module"
+    assert 'importlib' not in ''.join(p.read_text() for p in PKG.glob('*.py') if not p.stem.startswith('_')), \
+        "the library imports statically (no importlib)"
 
 
 def test_library_in_sync_marker():

@@ -20,12 +20,13 @@ FLAVOUR = {'detr': SetCriterion, 'deformable_detr': FocalSetCriterion, 'dab_detr
 def criterion_from_args(family: str, args: dict, num_classes: int):
     "Build the criterion from the complete official argument namespace, as the official builders do."
     return build_set_criterion(
-        family, num_classes=num_classes, dec_layers=args['dec_layers'], aux_loss=args['aux_loss'],
+        FLAVOUR[family], num_classes=num_classes, dec_layers=args['dec_layers'], aux_loss=args['aux_loss'],
         set_cost_class=args['set_cost_class'], set_cost_bbox=args['set_cost_bbox'], set_cost_giou=args['set_cost_giou'],
         cls_loss_coef=args.get('cls_loss_coef', 1),            # DETR's builder hard-codes loss_ce: 1
         bbox_loss_coef=args['bbox_loss_coef'], giou_loss_coef=args['giou_loss_coef'],
         eos_coef=args.get('eos_coef', 0.1), focal_alpha=args.get('focal_alpha', 0.25),
-        matcher_focal_alpha=0.25 if family == 'deformable_detr' else None)  # Deformable DETR's matcher hard-codes 0.25
+        matcher_focal_alpha=0.25 if family == 'deformable_detr' else None,  # Deformable DETR's matcher hard-codes 0.25
+        enc_weights=family == 'deformable_detr')                           # ... and its builder adds `_enc` weights
 
 
 def postprocess_from_args(family: str, args: dict):

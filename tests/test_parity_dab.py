@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from detr_explained.official import from_official, official_criterion, official_postprocess
-from detr_explained.dab_detr import DABDETRConfig, build_model, build_criterion, build_postprocess, config_from_args, preset
+from detr_explained.dab_detr import DABDETRConfig, build_model, build_criterion, build_postprocess, FAMILY
 from parity import close
+
+config_from_args, preset = FAMILY.config_from_args, FAMILY.config   # the family reads the namespace and the presets
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -310,4 +312,4 @@ def test_presets_and_args():
     assert preset('dab_detr_r50') == DABDETRConfig()
     assert config_from_args({'num_patterns': 3, 'random_refpoints_xy': True}).num_patterns == 3
     with pytest.raises(NotImplementedError): config_from_args({'masks': True})
-    with pytest.raises(KeyError): preset('nope')
+    with pytest.raises(ValueError, match="unknown DAB-DETR preset 'nope'"): preset('nope')

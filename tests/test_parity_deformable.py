@@ -11,7 +11,7 @@ from torch import nn
 from detr_explained.backbone import downsample_mask
 from detr_explained.criterion import total_loss
 from detr_explained.deformable_detr import (VARIANTS, DeformableDETR, DeformableDETRBoxRefine, DeformableDETRTwoStage,
-                                            build_model, config_from_args, preset)
+                                            build_model, FAMILY)
 from detr_explained.ms_deform_attn import (MSDA_IMPLS, MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_reference,
                                            set_ms_deform_attn_impl)
 import detr_explained.ms_deform_attn as msda_module
@@ -19,6 +19,8 @@ import detr_explained.ms_deform_attn_fast as msda_fast
 from detr_explained.ms_deform_attn_fast import FAST_KERNELS, ms_deform_attn_core_fast
 from detr_explained.official import from_official, official_criterion, official_postprocess
 from parity import close
+
+config_from_args, preset = FAMILY.config_from_args, FAMILY.config   # the family reads the namespace and the presets
 
 GRAD_KEYS = ('grad_value', 'grad_sampling_locations', 'grad_attention_weights')
 
