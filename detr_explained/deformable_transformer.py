@@ -4,12 +4,12 @@
 
 # %% ../nbs/11_deformable_transformer.ipynb #8764d988
 from __future__ import annotations
-import copy, math
+import math
 import torch
-import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
 
+from .core import clones
 from .box_ops import inverse_sigmoid
 from .position_encoding import sine_channels
 from .transformer import get_activation
@@ -28,8 +28,8 @@ def flatten_levels(srcs: list[Tensor], # L maps (B, C, H_l, W_l)
                    level_embed: Tensor, # (L, C) learned, one per level
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     "src (B, S, C), mask (B, S), pos + level embedding (B, S, C), spatial_shapes (L, 2), level_start_index (L,)"
-    src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)                 # (B, C, H, W) -> (B, HW, C), cat -> (B, S, C)
-    mask = torch.cat([m.flatten(1) for m in masks], 1)                                # (B, H, W) -> (B, HW), cat -> (B, S)
+    src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)   # (B, C, H, W) -> (B, HW, C), cat -> (B, S, C)
+    mask = torch.cat([m.flatten(1) for m in masks], 1)                  # (B, H, W) -> (B, HW), cat -> (B, S)
     pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l].view(1, 1, -1)     # PE + e_l
                      for l, p in enumerate(pos_embeds)], 1)
     spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=src.device)
@@ -57,7 +57,7 @@ def encoder_reference_points(spatial_shapes: Tensor, # (L, 2) (H_l, W_l)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, l, 0] * W)
         points.append(torch.stack((ref_x, ref_y), -1))                        # (B, HW, 2)
     points = torch.cat(points, 1)                                             # (B, S, 2)
-    return points[:, :, None] * valid_ratios[:, None]                          # (B, S, 1, 2) * (B, 1, L, 2) -> (B, S, L, 2)
+    return points[:, :, None] * valid_ratios[:, None]           # (B, S, 1, 2) * (B, 1, L, 2) -> (B, S, L, 2)
 
 # %% ../nbs/11_deformable_transformer.ipynb #97cf3b92
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -83,15 +83,11 @@ class DeformableTransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(src2))
 
 # %% ../nbs/11_deformable_transformer.ipynb #cb227a0e
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
-    "n independent deep copies (the official `_get_clones`)."
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
 class DeformableTransformerEncoder(nn.Module):
     "A stack of encoder layers sharing the reference points (the pixel centres)."
     def __init__(self, encoder_layer: DeformableTransformerEncoderLayer, num_layers: int):
         super().__init__()
-        self.layers, self.num_layers = _clones(encoder_layer, num_layers), num_layers
+        self.layers, self.num_layers = clones(encoder_layer, num_layers), num_layers
 
     def forward(self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                 valid_ratios: Tensor, # (B, L, 2)
@@ -122,7 +118,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
                 src_padding_mask: Tensor|None=None) -> Tensor: # (B, Q, C)
         q = k = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes, level_start_index, src_padding_mask)
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes, level_start_index,
+                               src_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2))
@@ -139,26 +136,35 @@ def refine_reference(delta: Tensor, # (B, Q, 4) box head output (unnormalised)
 # %% ../nbs/11_deformable_transformer.ipynb #91d1742c
 class DeformableTransformerDecoder(nn.Module):
     "A stack of decoder layers; with `bbox_embed` set (box refinement) each layer's box becomes the next reference."
-    def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int, return_intermediate: bool=False):
+    def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int,
+                 return_intermediate: bool=False):
         super().__init__()
-        self.layers, self.num_layers = _clones(decoder_layer, num_layers), num_layers
+        self.layers, self.num_layers = clones(decoder_layer, num_layers), num_layers
         self.return_intermediate = return_intermediate
-        self.bbox_embed: nn.ModuleList|None = None      # set by box refinement: one box head per layer (+1 with two-stage)
+        self.bbox_embed: nn.ModuleList|None = None      # set by box refinement: a box head per layer (+1: two-stage)
         self.class_embed: nn.ModuleList|None = None     # set by two-stage: class_embed[num_layers] scores the proposals
+
+    def layer_query_pos(self, lid: int, output: Tensor, ref_input: Tensor, query_pos: Tensor|None) -> Tensor|None:
+        "The positional query of layer `lid`: here the one given (DAB-Deformable-DETR makes it from the anchor)."
+        return query_pos
+
+    def next_reference(self, lid: int, output: Tensor, reference: Tensor) -> Tensor:
+        "With box refinement, layer `lid`'s box becomes the next reference (detached)."
+        return refine_reference(self.bbox_embed[lid](output), reference)
 
     def forward(self, tgt: Tensor, # (B, Q, C)
                 reference_points: Tensor, # (B, Q, 2) or (B, Q, 4), normalised to the image
                 src: Tensor, src_spatial_shapes: Tensor, src_level_start_index: Tensor,
                 src_valid_ratios: Tensor, # (B, L, 2)
                 query_pos: Tensor|None=None, src_padding_mask: Tensor|None=None,
-               ) -> tuple[Tensor, Tensor]: # hs (n, B, Q, C), references after each layer (n, B, Q, 2|4); n = num_layers or 1
+               ) -> tuple[Tensor, Tensor]: # hs (n, B, Q, C), references after each layer (n, B, Q, 2|4)
         output, intermediate, references = tgt, [], []
         for lid, layer in enumerate(self.layers):
-            ratios = src_valid_ratios if reference_points.shape[-1] == 2 else torch.cat([src_valid_ratios, src_valid_ratios], -1)
-            ref_input = reference_points[:, :, None] * ratios[:, None]                  # (B, Q, 1, d) * (B, 1, L, d) -> (B, Q, L, d)
-            output = layer(output, query_pos, ref_input, src, src_spatial_shapes, src_level_start_index, src_padding_mask)
-            if self.bbox_embed is not None:
-                reference_points = refine_reference(self.bbox_embed[lid](output), reference_points)
+            ratios = src_valid_ratios if reference_points.shape[-1] == 2 else src_valid_ratios.repeat(1, 1, 2)
+            ref_input = reference_points[:, :, None] * ratios[:, None]    # (B, Q, 1, d) * (B, 1, L, d) -> (B, Q, L, d)
+            pos = self.layer_query_pos(lid, output, ref_input, query_pos)
+            output = layer(output, pos, ref_input, src, src_spatial_shapes, src_level_start_index, src_padding_mask)
+            if self.bbox_embed is not None: reference_points = self.next_reference(lid, output, reference_points)
             if self.return_intermediate:
                 intermediate.append(output); references.append(reference_points)
         if self.return_intermediate: return torch.stack(intermediate), torch.stack(references)
@@ -168,7 +174,7 @@ class DeformableTransformerDecoder(nn.Module):
 def encoder_proposals(memory: Tensor, # (B, S, C) encoder output
                       memory_padding_mask: Tensor, # (B, S) bool
                       spatial_shapes: Tensor, # (L, 2)
-                     ) -> tuple[Tensor, Tensor]: # memory with disabled tokens zeroed (B, S, C), proposals (B, S, 4) logits (+inf: disabled)
+                     ) -> tuple[Tensor, Tensor]: # memory, disabled tokens zeroed (B, S, C); proposal logits (B, S, 4)
     "One box per encoder token: its pixel centre, side 0.05 * 2^level, in inverse-sigmoid space."
     B, S, C = memory.shape
     proposals, start = [], 0
@@ -176,7 +182,8 @@ def encoder_proposals(memory: Tensor, # (B, S, C) encoder output
         mask = memory_padding_mask[:, start:start + H * W].view(B, H, W)
         valid_H, valid_W = torch.sum(~mask[:, :, 0], 1), torch.sum(~mask[:, 0, :], 1)
         grid_y, grid_x = torch.meshgrid(torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
-                                        torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device), indexing='ij')
+                                        torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
+                                        indexing='ij')
         grid = torch.stack([grid_x, grid_y], -1)                                          # (H, W, 2)
         scale = torch.stack([valid_W, valid_H], 1).view(B, 1, 1, 2)
         centre = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale                         # relative to the image
@@ -195,7 +202,8 @@ def proposal_pos_embed(proposals: Tensor, # (B, Q, 4) box logits (inverse-sigmoi
                        temperature: float=10000,
                       ) -> Tensor: # (B, Q, 4 * num_pos_feats)
     "Sine embedding of a box: sine_channels of each sigmoid coordinate * 2π, concatenated."
-    return sine_channels(proposals.sigmoid() * 2 * math.pi, num_pos_feats, temperature).flatten(-2)  # (B, Q, 4, F) -> (B, Q, 4F)
+    pe = sine_channels(proposals.sigmoid() * 2 * math.pi, num_pos_feats, temperature)
+    return pe.flatten(-2)                                                # (B, Q, 4, F) -> (B, Q, 4F)
 
 # %% ../nbs/11_deformable_transformer.ipynb #0787a938
 class DeformableTransformer(nn.Module):
@@ -208,12 +216,15 @@ class DeformableTransformer(nn.Module):
         self.d_model, self.nhead = d_model, nhead
         self.encoder = DeformableTransformerEncoder(DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, enc_n_points), num_encoder_layers)
-        self.decoder = DeformableTransformerDecoder(DeformableTransformerDecoderLayer(
+        self.decoder = self._make_decoder(DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, activation, num_feature_levels, nhead, dec_n_points),
             num_decoder_layers, return_intermediate_dec)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self._make_query_layers()
         self._reset_parameters()
+
+    def _make_decoder(self, layer, num_layers: int, return_intermediate: bool) -> DeformableTransformerDecoder:
+        return DeformableTransformerDecoder(layer, num_layers, return_intermediate)
 
     def _make_query_layers(self):
         self.reference_points = nn.Linear(self.d_model, 2)      # query position -> initial reference point
@@ -234,7 +245,7 @@ def decoder_queries(self: DeformableTransformer,
                     memory: Tensor, # (B, S, C) (unused here)
                     mask_flatten: Tensor, spatial_shapes: Tensor, # (unused here)
                     query_embed: Tensor, # (Q, 2C) learned: query position | content
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor|None, Tensor|None]: # tgt, query_pos (B, Q, C), reference (B, Q, 2), None, None
+                   ) -> tuple[Tensor, Tensor, Tensor, None, None]: # tgt, query_pos (B, Q, C), reference (B, Q, 2)
     B, C = memory.shape[0], self.d_model
     query_pos, tgt = torch.split(query_embed, C, dim=1)                                    # (Q, 2C) -> (Q, C), (Q, C)
     query_pos, tgt = query_pos.unsqueeze(0).expand(B, -1, -1), tgt.unsqueeze(0).expand(B, -1, -1)
@@ -248,7 +259,7 @@ def forward(self: DeformableTransformer,
                          pos_embeds: list[Tensor], # L encodings (B, C, H_l, W_l)
                          query_embed: Tensor|None=None, # (Q, 2C); None for two-stage
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor|None, Tensor|None]:
-    "hs (n_dec, B, Q, C), init_reference (B, Q, 2|4), inter_references (n_dec, B, Q, 2|4), enc class/coord logits or None"
+    "hs (n, B, Q, C), init_reference (B, Q, 2|4), inter_references (n, B, Q, 2|4), enc class/coord logits or None"
     src, mask, pos, spatial_shapes, level_start_index = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
     valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)                   # (B, L, 2)
     memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos, mask)
@@ -278,12 +289,12 @@ class TwoStageDeformableTransformer(DeformableTransformer):
 @patch
 def decoder_queries(self: TwoStageDeformableTransformer, memory: Tensor, mask_flatten: Tensor, spatial_shapes: Tensor,
                        query_embed: Tensor|None=None):
-    "tgt, query_pos (B, Q, C), reference boxes (B, Q, 4) detached, proposal logits (B, S, K), proposal boxes (B, S, 4) unsigmoided"
+    "tgt, query_pos (B, Q, C), reference boxes (B, Q, 4) detached, proposal logits (B, S, K), boxes (B, S, 4) logits"
     C, n = self.d_model, self.decoder.num_layers
     output_memory, proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
     enc_class = self.decoder.class_embed[n](output_memory)                                  # (B, S, K)
     enc_coord = self.decoder.bbox_embed[n](output_memory) + proposals                       # (B, S, 4) logits
-    topk = torch.topk(enc_class[..., 0], self.two_stage_num_proposals, dim=1)[1]            # (B, Q) best "object" scores
+    topk = torch.topk(enc_class[..., 0], self.two_stage_num_proposals, dim=1)[1]    # (B, Q) best "object" scores
     coords = torch.gather(enc_coord, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach()        # (B, Q, 4)
     pos_trans_out = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, C // 2)))
     query_pos, tgt = torch.split(pos_trans_out, C, dim=2)
