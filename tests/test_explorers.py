@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from matplotlib.backend_bases import MouseEvent
 
 from detr_explained.explore_base import (FIG_DPI, FIG_WIDTH, ExplorerImage, LoadedModel, argmax2d, box_to_pixels,
-                                         default_source, load_image, load_model)
-from detr_explained.explore_detr import (AttentionRecorder, DETRExplorer, decoder_map, detr_attention_modules, encoder_map,
-                                         mha_weights_by_hand)
+                                         load_image, load_model)
+from detr_explained.explore_detr import (AttentionRecorder, DETRExplorer, decoder_map, detr_attention_modules,
+                                         encoder_map, mha_weights_by_hand)
 
 
 def _click(ex, ax, x, y):
     "Send a left click at data coordinates (x, y) of `ax`, as matplotlib would."
     ex.fig.canvas.draw()
     px, py = ax.transData.transform((x, y))
-    ex.fig.canvas.callbacks.process('button_press_event', MouseEvent('button_press_event', ex.fig.canvas, px, py, button=1))
+    event = MouseEvent('button_press_event', ex.fig.canvas, px, py, button=1)
+    ex.fig.canvas.callbacks.process('button_press_event', event)
 
 def _batch(fx) -> ExplorerImage:
     "The fixture's padded two-image batch as an explorer image (image 0 is the one drawn)."
@@ -64,7 +65,8 @@ def test_detr_hooks_capture_per_head_attention_and_change_nothing(models, offici
     for name, r in rec.records.items():
         M = modules[name].num_heads
         assert r['weights'].shape[:2] == (2, M)                         # per head, not averaged
-        torch.testing.assert_close(r['weights'], mha_weights_by_hand(modules[name], r['query'], r['key'], r['key_padding_mask']),
+        by_hand = mha_weights_by_hand(modules[name], r['query'], r['key'], r['key_padding_mask'])
+        torch.testing.assert_close(r['weights'], by_hand,
                                    rtol=0, atol=1e-5)
         pad = r['key_padding_mask']                                     # (B, HW): image 1 is padded on the right
         assert pad is not None and pad[1].any()
@@ -122,12 +124,15 @@ def test_dab_capture_matches_the_model(models, official_fixture):
         full = cap.maps['full'][i][None]
         out = layer.cross_attn.out_proj((full @ split_heads(r['v'], layer.nhead)).transpose(1, 2).flatten(2))
         torch.testing.assert_close(out[0], r['output'][0], rtol=0, atol=1e-5)
-        torch.testing.assert_close(cap.maps['position'][i], positional_attention(layer, r['query_sine_embed'], r['pos'], r['mask'])[0],
+        pos_map = positional_attention(layer, r['query_sine_embed'], r['pos'], r['mask'])[0]
+        torch.testing.assert_close(cap.maps['position'][i], pos_map,
                                    rtol=0, atol=1e-5)
-        torch.testing.assert_close(r['query_sine_embed'][0], dec.positional_queries(r['tgt'], cap.anchors[i][None], i)[1][0],
+        sine = dec.positional_queries(r['tgt'], cap.anchors[i][None], i)[1][0]
+        torch.testing.assert_close(r['query_sine_embed'][0], sine,
                                    rtol=0, atol=1e-5)
         for kind in ('position', 'content', 'full'):
-            torch.testing.assert_close(cap.maps[kind][i].sum(-1), torch.ones(cap.maps[kind][i].shape[:-1]), rtol=0, atol=1e-5)
+            m = cap.maps[kind][i]
+            torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:-1]), rtol=0, atol=1e-5)
 
 
 def test_dab_explorer_follows_its_controls(models, image):
@@ -139,17 +144,21 @@ def test_dab_explorer_follows_its_controls(models, image):
     for q in [o[1] for o in ex.controls['query'].options[:3]]:
         ex.controls['query'].value = q
         assert len(ex.shown['track']) == L + 1
-        torch.testing.assert_close(torch.tensor(ex.shown['track']), torch.tensor([box_to_pixels(b, hw) for b in anchor_track(cap, q)]))
+        expected = [box_to_pixels(b, hw) for b in anchor_track(cap, q)]
+        torch.testing.assert_close(torch.tensor(ex.shown['track']), torch.tensor(expected))
         for layer in range(L):
             ex.controls['layer'].value = layer
-            torch.testing.assert_close(torch.tensor(ex.shown['anchor']), torch.tensor(box_to_pixels(cap.anchors[layer, q], hw)))
+            expected = box_to_pixels(cap.anchors[layer, q], hw)
+            torch.testing.assert_close(torch.tensor(ex.shown['anchor']), torch.tensor(expected))
             for kind in ('position', 'content', 'full'):
                 assert ex.shown[f'{kind}_argmax'] == argmax2d(dab_map(cap, kind, layer, q))
-            seen_anchors.add(tuple(round(v, 2) for v in ex.shown['anchor'])); seen_argmax.add(ex.shown['position_argmax'])
+            seen_anchors.add(tuple(round(v, 2) for v in ex.shown['anchor']))
+            seen_argmax.add(ex.shown['position_argmax'])
         assert ex.shown['boxes_drawn'] == Q + L + 1
     assert len(seen_anchors) > 3 and len(seen_argmax) > 1                # the picture really changes
     ex.controls['head'].value = 1
-    torch.testing.assert_close(ex.shown['position_map'], dab_map(cap, 'position', ex.value('layer'), ex.value('query'), 1))
+    expected = dab_map(cap, 'position', ex.value('layer'), ex.value('query'), 1)
+    torch.testing.assert_close(ex.shown['position_map'], expected)
     best = ex.controls['query'].options[0][1]
     ex.controls['query'].value = ex.controls['query'].options[-1][1]
     cx, cy = (cap.anchors[ex.value('layer'), best, :2] * torch.tensor([hw[1], hw[0]])).tolist()
@@ -165,7 +174,7 @@ def test_deformable_capture_matches_the_model(models, official_fixture):
     cap = capture_deformable(model, _batch(fx))
     torch.testing.assert_close(cap.outputs['pred_boxes'], fx['outputs']['pred_boxes'], rtol=0, atol=1e-4)
     init_ref = fx['intermediates']['transformer_out'][1]                 # (B, Q, 2) official initial reference points
-    ratios_x = cap.records['decoder.0']['reference_points'][..., 0, :] / init_ref     # the decoder scales by valid ratios
+    ratios_x = cap.records['decoder.0']['reference_points'][..., 0, :] / init_ref   # scaled by the valid ratios
     assert torch.allclose(ratios_x, ratios_x[:, :1], atol=1e-4)
     from detr_explained.deformable_transformer import get_valid_ratio
     masks = [F.interpolate(fx['inputs']['mask'][None].float(), size=hw).bool()[0] for hw in cap.spatial_shapes[:3]]
@@ -198,7 +207,8 @@ def test_deformable_explorer_follows_its_controls(models, image):
     refs = set()
     for _, q in ex.controls['query'].options:
         ex.controls['query'].value = q
-        torch.testing.assert_close(torch.tensor(ex.shown['box']), torch.tensor(box_to_pixels(cap.outputs['pred_boxes'][0, q], hw)))
+        expected = box_to_pixels(cap.outputs['pred_boxes'][0, q], hw)
+        torch.testing.assert_close(torch.tensor(ex.shown['box']), torch.tensor(expected))
         refs.add(tuple(round(v, 2) for v in ex.shown['reference']))
     assert len(refs) == len(ex.controls['query'].options)
     for level in range(L):
@@ -208,7 +218,8 @@ def test_deformable_explorer_follows_its_controls(models, image):
         ex.controls['row'].value, ex.controls['col'].value = H - 1, 0
         assert ex.shown['enc_query'] == encoder_query(cap, level, H - 1, 0)
         ew, eh = cap.extents[level]
-        torch.testing.assert_close(torch.tensor(ex.shown['enc_reference']), torch.tensor([0.5 / W * ew, (H - 0.5) / H * eh]))
+        expected = [0.5 / W * ew, (H - 0.5) / H * eh]
+        torch.testing.assert_close(torch.tensor(ex.shown['enc_reference']), torch.tensor(expected))
     _click(ex, ex.ax_enc, 0.5 / W * ew, 0.5 / H * eh)
     assert ex.shown['enc_query'] == encoder_query(cap, L - 1, 0, 0)
 
@@ -226,7 +237,8 @@ def test_explorer_on_a_training_checkpoint(tmp_path):
     assert set(lm.names.values()) == set(train_ds.names.values())
     ex = DETRExplorer(lm)                                               # image size from the checkpoint
     assert min(ex.image.rgb.shape[:2]) == 64
-    assert all(opt[0].split(': ')[1].rsplit(' ', 1)[0] in set(train_ds.names.values()) | {f'class {i}' for i in range(100)}
+    known = set(train_ds.names.values()) | {f'class {i}' for i in range(100)}
+    assert all(opt[0].split(': ')[1].rsplit(' ', 1)[0] in known
                for opt in ex.controls['query'].options)
     with pytest.raises(ValueError, match='not'):
         load_model(path, family='dab_detr')
@@ -246,7 +258,8 @@ def test_explorer_on_an_official_format_checkpoint(tmp_path, official_fixture):
 def _explorers(models, image):
     from detr_explained.explore_dab import DABExplorer
     from detr_explained.explore_deformable import DeformableExplorer
-    return {'detr': DETRExplorer(models('detr'), image), 'deformable_detr': DeformableExplorer(models('deformable_detr'), image),
+    return {'detr': DETRExplorer(models('detr'), image),
+            'deformable_detr': DeformableExplorer(models('deformable_detr'), image),
             'dab_detr': DABExplorer(models('dab_detr'), image)}
 
 
@@ -268,10 +281,11 @@ def test_figures_fit_a_column_keep_the_image_shape_and_say_random_weights(models
         if family == 'deformable_detr':
             assert maps == [] and ex.ax_enc.get_legend().get_title().get_text() == 'attention weight'
         else:
-            heads_rows = -(-(ex.cap.dec_attn.shape[1] + 1 if family == 'detr' else ex.cap.maps['position'].shape[1] + 1) // 5)
+            M = ex.cap.dec_attn.shape[1] if family == 'detr' else ex.cap.maps['position'].shape[1]
+            heads_rows = -(-(M + 1) // 5)
             big = 2 if family == 'detr' else 3
-            assert len(maps) > big and len(bars) == big + heads_rows + (family == 'dab_detr'), family   # DAB: the layer bar
-            for ax in maps:                                                # one colour bar per big map, one per head row
+            assert len(maps) > big and len(bars) == big + heads_rows + (family == 'dab_detr'), family  # + DAB's layers
+            for ax in maps:                                          # one colour bar per big map, one per head row
                 assert any(b.get_position().y0 == pytest.approx(ax.get_position().y0) and
                            b.get_position().x0 > ax.get_position().x0 for b in bars), family
 
@@ -285,7 +299,7 @@ def test_the_picture_is_a_png_that_follows_the_controls(models, image):
     assert {'image/png', 'application/vnd.jupyter.widget-view+json'} <= set(bundle)
     first = ex.view.value
     w, h = Image.open(io.BytesIO(first)).size
-    assert w == 880 and abs(h - ex.fig.get_size_inches()[1] * FIG_DPI) <= 1             # the figure's own size, uncropped
+    assert w == 880 and abs(h - ex.fig.get_size_inches()[1] * FIG_DPI) <= 1     # the figure's own size, uncropped
     ex.controls['row'].value = 0
     assert ex.view.value != first
     opts = ex.controls['query'].options                                # no option wider than its dropdown
@@ -307,7 +321,8 @@ assert lm.random_weights and any('random weights (untrained)' in t for t in text
 print('ok', ex.image.name)
 """
     import os
-    r = subprocess.run([sys.executable, '-c', code], env={**os.environ, **env, 'OMP_NUM_THREADS': '1'}, capture_output=True,
+    r = subprocess.run([sys.executable, '-c', code], env={**os.environ, **env, 'OMP_NUM_THREADS': '1'},
+                       capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and 'ok synthetic' in r.stdout, r.stderr[-2000:]
 

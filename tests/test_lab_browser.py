@@ -16,7 +16,7 @@ The notebooks run with the default inline backend; tests/test_explorers.py check
 canvas (clicks) without a browser. Without chromium or JupyterLab the test skips, except under CI
 (`CI=true`) or `DETR_EXPLAINED_REQUIRE_BROWSER=1`, where it fails.
 """
-import os, re, time
+import re, time
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT/'docs'/'_build'/'screenshots'
 EXPLORERS = ['40_explore_detr', '41_explore_deformable', '42_explore_dab']
 RUN_TIMEOUT = 600          # seconds for one notebook's cells (a busy 2-core machine)
+PANEL = '.jp-NotebookPanel:not(.lm-mod-hidden)'   # the notebook in front
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +42,7 @@ def lab():
 
 @pytest.fixture(scope='module')
 def browser(tmp_path_factory):
-    drv = chromium_driver(tmp_path_factory.mktemp('chromium-explorers'), width=1280, height=1000)
+    drv = chromium_driver(tmp_path_factory.mktemp('chromium-explorers'), width=1280, height=1400)
     yield drv
     drv.quit()
 
@@ -79,14 +80,16 @@ return outs.filter(o => o.querySelector('.widget-vbox img')).map(o => {
   const area = o.closest('.jp-OutputArea');
   return {src: img.src, loaded: img.complete && img.naturalWidth > 0, natural: img.naturalWidth,
           shown: img.getBoundingClientRect().width, column: area.getBoundingClientRect().width,
-          sliders: o.querySelectorAll('.widget-slider').length, dropdowns: o.querySelectorAll('.widget-dropdown select').length};
+          sliders: o.querySelectorAll('.widget-slider').length,
+          dropdowns: o.querySelectorAll('.widget-dropdown select').length};
 });
 """
 
 _CUT_OFF = """
 // descriptions and dropdown options that do not fit their boxes
 const root = arguments[0], bad = [];
-for (const l of root.querySelectorAll('.widget-label')) if (l.scrollWidth > l.clientWidth + 1) bad.push('label ' + l.textContent);
+for (const l of root.querySelectorAll('.widget-label'))
+  if (l.scrollWidth > l.clientWidth + 1) bad.push('label ' + l.textContent);
 const ctx = document.createElement('canvas').getContext('2d');
 for (const s of root.querySelectorAll('select')) {
   const cs = getComputedStyle(s); ctx.font = cs.font;
@@ -100,7 +103,8 @@ def _img_src(drv, out):
     return drv.execute_script("return arguments[0].querySelector('.widget-vbox img').src", out)
 
 def _wait_new_picture(drv, out, old: str, what: str):
-    _wait(drv, "const i = arguments[0].querySelector('.widget-vbox img'); return i.src !== arguments[1] && i.complete && i.naturalWidth > 0",
+    _wait(drv, "const i = arguments[0].querySelector('.widget-vbox img'); "
+               "return i.src !== arguments[1] && i.complete && i.naturalWidth > 0",
           120, f'{what}: the picture did not change', out, old)
 
 
@@ -111,29 +115,33 @@ def test_explorer_in_jupyterlab(lab, browser, name):
     from selenium.webdriver.support.ui import Select
     drv = browser
     drv.get(lab.url(f'lab/tree/nbs/{name}.ipynb'))
-    _wait(drv, "return document.querySelector('.jp-NotebookPanel .jp-Notebook .jp-CodeCell')", 180, 'the notebook did not open')
+    _wait(drv, "return document.querySelector('.jp-NotebookPanel .jp-Notebook .jp-CodeCell')", 180,
+          'the notebook did not open')
     assert not drv.find_elements(By.CSS_SELECTOR, '.jp-Dialog'), 'a dialog (kernel selection?) covers the notebook'
     _wait(drv, "return document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) [data-status=\"idle\"]')", 180,
           'the kernel did not start')
     _run_all(drv)
     t0 = time.time()
-    prompts = _wait(drv, f"const p = (() => {{ {_CELLS} }})(); return p.length && p.every(t => /\\[\\d+\\]/.test(t)) ? p : null",
+    prompts = _wait(drv, f"const p = (() => {{ {_CELLS} }})(); "
+                         "return p.length && p.every(t => /\\[\\d+\\]/.test(t)) ? p : null",
                     RUN_TIMEOUT, f'{name}: not every cell ran')
     print(f'{name}: {len(prompts)} cells ran in {time.time() - t0:.0f} s')
 
-    errors = drv.execute_script("""return [...document.querySelectorAll(`.jp-NotebookPanel:not(.lm-mod-hidden)
-        .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]`)].map(e => e.innerText.slice(0, 400))""")
+    errors = drv.execute_script(f"""return [...document.querySelectorAll(
+        `{PANEL} .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]`)]
+        .map(e => e.innerText.slice(0, 400))""")
     assert errors == [], f'{name}: cells wrote errors: {errors}'
-    text = drv.execute_script("return document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook').innerText")
+    text = drv.execute_script(f"return document.querySelector('{PANEL} .jp-Notebook').innerText")
     assert '<Figure size' not in text, f'{name}: a figure shown as text'
     assert 'Error displaying widget' not in text and 'Loading widget' not in text, f'{name}: a widget did not render'
 
-    explorers = _wait(drv, f"const e = (() => {{ {_EXPLORER} }})(); return e.length && e.every(x => x.loaded) ? e : null", 120,
+    explorers = _wait(drv, f"const e = (() => {{ {_EXPLORER} }})(); "
+                           "return e.length && e.every(x => x.loaded) ? e : null", 120,
                       f'{name}: no explorer picture')
     for e in explorers:
         assert e['natural'] == 880 and e['shown'] <= e['column'] + 1, (name, e)     # fits the notebook column
         assert e['sliders'] >= 1 and e['dropdowns'] >= 2, (name, e)
-    out = next(o for o in drv.find_elements(By.CSS_SELECTOR, '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')
+    out = next(o for o in drv.find_elements(By.CSS_SELECTOR, f'{PANEL} .jp-OutputArea-output')
                if o.find_elements(By.CSS_SELECTOR, '.widget-vbox img'))
     drv.execute_script("arguments[0].scrollIntoView({block: 'start'})", out)
     assert drv.execute_script(_CUT_OFF, out) == [], f'{name}: cut off'
