@@ -21,7 +21,7 @@ __all__ = ['FAMILIES', 'split_checkpoint', 'CheckpointError', 'UnsafeCheckpointE
            'official_criterion', 'official_postprocess']
 
 # %% ../nbs/19_official.ipynb #3724d616
-FAMILIES = family_names()      # the families registered at import: ('detr', 'deformable_detr', 'dab_detr')
+FAMILIES = family_names()      # the families registered at import: ('detr', ..., 'dab_deformable_detr')
 
 # %% ../nbs/19_official.ipynb #f8471f63
 def split_checkpoint(obj: Mapping) -> tuple[Mapping, object]:
