@@ -82,8 +82,8 @@ OFFICIAL_CHECKPOINTS = {c.name: c for c in [
     _dab('dab-detr-r50-dc5-3pat', 45.7, dilation=True, num_patterns=3),
     OfficialCheckpoint('dab-deformable-detr-r50-v2', 'dab_deformable_detr', {'modelname': 'dab_deformable_detr'}, 48.7,
                        'dab-deformable-detr-r50-v2.pth', None,
-                       'https://github.com/IDEA-Research/DAB-DETR#eval-our-pretrianed-models (Google Drive folder '
-                       'https://drive.google.com/drive/folders/1uP9N0HIBPB6OPxLq5aqeIfKNOFFYQl2t: the checkpoint file)'),
+                       'https://github.com/IDEA-Research/DAB-DETR#eval-our-pretrianed-models (its Google Drive folder '
+                       'https://drive.google.com/drive/folders/1uP9N0HIBPB6OPxLq5aqeIfKNOFFYQl2t)'),
 ]}
 
 # %% ../nbs/30_hub.ipynb #e2d9c95e
