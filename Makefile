@@ -42,12 +42,14 @@ nbtest: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
 ## The notebooks as a reader who cloned only the repository runs them: no ../shared (DETR_EXPLAINED_SHARED points
-## to a folder that does not exist), an empty download cache, and no network (every proxy is a closed local port).
+## to a folder that does not exist), an empty download cache, and no network (every proxy is a closed local port;
+## 127.0.0.1 stays reachable for the notebooks' own local test servers).
 nbtest-no-shared: setup
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	env -u DETR_EXPLAINED_REQUIRE_SHARED DETR_EXPLAINED_SHARED=$$tmp/no-shared DETR_EXPLAINED_CACHE=$$tmp/cache \
 	  XDG_CACHE_HOME=$$tmp/xdg-cache http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 \
-	  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 no_proxy= NO_PROXY= OMP_NUM_THREADS=1 \
+	  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 no_proxy=127.0.0.1,localhost \
+	  NO_PROXY=127.0.0.1,localhost OMP_NUM_THREADS=1 \
 	  $(BIN)/nbdev-test --n-workers 2 --timing
 
 nbtest-slow: setup
