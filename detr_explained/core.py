@@ -63,11 +63,17 @@ def load_official_fixture(name: str, # 'detr', 'deformable_detr', 'dab_detr' or 
     return fx
 
 # %% ../nbs/01_core.ipynb #76f243b8
+def _umask() -> int:
+    "The process's umask (read by setting it and putting it back)."
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
 def _atomic_write(path: Path|str, write) -> Path:
     "Call `write(f)` on a temporary binary file beside `path`, then move it into place atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~_umask())                  # mkstemp makes it 0600; a file the user writes gets the umask's mode
         with os.fdopen(fd, 'wb') as f:
             write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)

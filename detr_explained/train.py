@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_train.ipynb #8e1340c5
 from __future__ import annotations
-import io, json, math, random, time
+import contextlib, errno, hashlib, io, json, math, os, random, signal, socket, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -18,15 +18,17 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 
 from .core import atomic_save, atomic_write_bytes, atomic_write_text, set_seed
-from .data import CocoDetection, make_loader, DatasetError
+from .backbone import RESNETS
+from .data import AUGMENTATIONS, CocoDetection, make_loader, DatasetError
 from .family import ConfigError, TRAIN_PRESET_NAMES, get_family
 from .official import CheckpointError, load_checkpoint, load_weights   # official: every family registered
 
 # %% auto #0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'RESUMABLE', 'TrainingError', 'model_config', 'parse_overrides', 'TrainConfig',
-           'train_config', 'unfreeze_norms', 'adapt_backbone', 'param_groups', 'build_optimizer', 'NonFiniteLoss',
-           'weighted_loss', 'train_step', 'rng_state', 'set_rng_state', 'load_training_checkpoint', 'check_compatible',
-           'MetricsLog', 'Trainer', 'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
+           'train_config', 'check_settings', 'unfreeze_norms', 'adapt_backbone', 'param_groups', 'build_optimizer',
+           'NonFiniteLoss', 'NonFiniteWeights', 'weighted_loss', 'train_step', 'rng_state', 'set_rng_state',
+           'tensor_checksum', 'load_training_checkpoint', 'check_compatible', 'MetricsLog', 'Trainer', 'RunLock',
+           'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
            'trainer_from_checkpoint']
 
 # %% ../nbs/22_train.ipynb #28ef3130
@@ -99,6 +101,45 @@ def train_config(preset: str='official', **overrides) -> TrainConfig:
     _check_preset(preset)
     return replace(TrainConfig(preset=preset), **{**PRESETS[preset], **overrides})
 
+# %% ../nbs/22_train.ipynb #e6a1b2c4
+def _finite(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+
+_RULES = {  # field -> (test, what it must be); checked where the config has the field
+    **{k: (lambda v: _int(v) and v >= 1, 'an integer >= 1') for k in (
+        'hidden_dim', 'nheads', 'dec_layers', 'dim_feedforward', 'num_queries', 'num_classes', 'epochs', 'lr_drop',
+        'batch_size', 'num_feature_levels', 'enc_n_points', 'dec_n_points', 'num_select', 'image_size')},
+    **{k: (lambda v: _int(v) and v >= 0, 'an integer >= 0') for k in (
+        'enc_layers', 'num_patterns', 'checkpoint_every', 'eval_every', 'num_workers')},
+    **{k: (lambda v: _finite(v) and v >= 0, 'a finite number >= 0') for k in (
+        'lr_backbone', 'weight_decay', 'clip_max_norm', 'set_cost_class', 'set_cost_bbox', 'set_cost_giou', 'cls_loss_coef',
+        'bbox_loss_coef', 'giou_loss_coef', 'eos_coef', 'lr_linear_proj_mult')},
+    'lr': (lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    'dropout': (lambda v: _finite(v) and 0 <= v < 1, 'a probability in [0, 1)'),
+    'focal_alpha': (lambda v: _finite(v) and 0 <= v <= 1, 'a number in [0, 1]'),
+    'pe_temperatureH': (lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    'pe_temperatureW': (lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    'seed': (lambda v: _int(v) and 0 <= v < 2**63, 'an integer in [0, 2**63)'),
+    'max_steps': (lambda v: v is None or (_int(v) and v >= 1), 'an integer >= 1 (or None)'),
+    'time_limit': (lambda v: v is None or (_finite(v) and v > 0), 'a finite number of minutes > 0 (or None)'),
+}
+
+def check_settings(*configs):
+    "Raise ConfigError naming the first field of `configs` (dataclasses) whose value cannot work, and what was expected."
+    for cfg in configs:
+        name, values = type(cfg).__name__, asdict(cfg)
+        for k, v in values.items():
+            if k in _RULES and not _RULES[k][0](v): raise ConfigError(f"{name}.{k} is {v!r}; it must be {_RULES[k][1]}")
+        if 'hidden_dim' in values and 'nheads' in values and values['hidden_dim'] % values['nheads']:
+            raise ConfigError(f"{name}.hidden_dim={values['hidden_dim']} is not divisible by nheads={values['nheads']} "
+                              "(each attention head gets hidden_dim / nheads channels)")
+        if 'hidden_dim' in values and values['hidden_dim'] % 2:
+            raise ConfigError(f"{name}.hidden_dim={values['hidden_dim']} must be even (the sine position encoding uses half of it for x, half for y)")
+        if 'backbone' in values and values['backbone'] not in RESNETS:
+            raise ConfigError(f"{name}.backbone is {values['backbone']!r}; known backbones: {', '.join(RESNETS)}")
+        if 'augment' in values and values['augment'] not in AUGMENTATIONS:
+            raise ConfigError(f"{name}.augment is {values['augment']!r}; one of {', '.join(AUGMENTATIONS)}")
+
 # %% ../nbs/22_train.ipynb #ff70a15b
 def unfreeze_norms(module: nn.Module) -> nn.Module:
     "Replace every FrozenBatchNorm2d under `module` by a BatchNorm2d with the same statistics and affine."
@@ -141,17 +182,37 @@ def build_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch
 
 # %% ../nbs/22_train.ipynb #391bbacb
 class NonFiniteLoss(TrainingError): pass
+class NonFiniteWeights(NonFiniteLoss): pass
 
 def weighted_loss(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
     "sum_k weight_dict[k] * loss_dict[k] over the weighted terms."
     return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+def _non_finite_outputs(outputs: dict) -> list[str]:
+    "The prediction tensors (pred_logits, pred_boxes, per decoder layer too) holding nan or inf."
+    bad = [k for k in ('pred_logits', 'pred_boxes') if k in outputs and not torch.isfinite(outputs[k]).all()]
+    bad += [f'aux_outputs[{i}].{k}' for i, a in enumerate(outputs.get('aux_outputs', [])) for k in ('pred_logits', 'pred_boxes')
+            if not torch.isfinite(a[k]).all()]
+    return bad
+
+def _forward(model: nn.Module, tensors: Tensor, mask: Tensor) -> dict:
+    "The model's outputs; a TrainingError if the images are too small for its coarsest feature map."
+    try: return model(tensors, mask)
+    except ValueError as e:
+        if 'Expected more than 1 value per channel' not in str(e): raise
+        raise TrainingError(f"the images of this batch ({tensors.shape[-1]}x{tensors.shape[-2]} pixels after resizing) are too small for "
+                            "the model: its coarsest feature map is a single pixel, which its GroupNorm cannot normalise. "
+                            "Use a larger --image-size") from None
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple,
                clip_max_norm: float, device: str='cpu') -> dict[str, float]:
     "One optimiser step on a (tensors, mask, targets) batch; returns the logged loss values."
     tensors, mask, targets = batch
     targets = [{k: t[k].to(device) for k in ('boxes', 'labels')} for t in targets]
-    loss_dict = criterion(model(tensors.to(device), mask.to(device)), targets)
+    outputs = _forward(model, tensors.to(device), mask.to(device))
+    if bad := _non_finite_outputs(outputs):       # before the matcher's box checks see them
+        raise NonFiniteLoss(f"the model's predictions are not finite ({', '.join(bad[:3])} hold nan or inf): the weights diverged")
+    loss_dict = criterion(outputs, targets)
     loss = weighted_loss(loss_dict, criterion.weight_dict)
     logged = {'loss': loss.item(), **{k: loss_dict[k].item() for k in ('loss_ce', 'loss_bbox', 'loss_giou') if k in loss_dict}}
     if not math.isfinite(logged['loss']):
@@ -160,6 +221,8 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     loss.backward()
     if clip_max_norm > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
     optimizer.step()
+    if any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise NonFiniteWeights(f"the update made some weights nan or inf (loss {logged['loss']:.4g} before it)")
     return logged
 
 # %% ../nbs/22_train.ipynb #e7e8ab09
@@ -177,13 +240,35 @@ def set_rng_state(state: dict):
     kind, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
+# %% ../nbs/22_train.ipynb #e6a1b2c7
+_CHECKED = ('model', 'optimizer', 'lr_scheduler', 'rng')     # the parts of a checkpoint its checksum covers
+
+def tensor_checksum(obj) -> str:
+    "SHA-256 of every tensor in a nested dict/list — its path, dtype, shape and bytes — in a fixed order."
+    h = hashlib.sha256()
+    def walk(o, path):
+        if isinstance(o, Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f'{path}:{t.dtype}:{tuple(t.shape)};'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str): walk(o[k], f'{path}/{k}')
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o): walk(v, f'{path}/{i}')
+    walk(obj, '')
+    return h.hexdigest()
+
+def _checksum_of(ckpt: dict) -> str: return tensor_checksum({k: ckpt[k] for k in _CHECKED if k in ckpt})
+
 # %% ../nbs/22_train.ipynb #6355faf3
 def load_training_checkpoint(path: Path|str) -> dict:
-    "Read a detr_explained training checkpoint (`official.load_checkpoint`); a CheckpointError naming the file if it is not one."
+    "Read a detr_explained training checkpoint (`official.load_checkpoint`), its checksum verified; a CheckpointError naming the file if it is not one."
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         hint = " (an official checkpoint? load it with official.from_official)" if isinstance(ckpt, dict) and 'model' in ckpt else ''
         raise CheckpointError(f"{path}: not a detr_explained training checkpoint{hint}")
+    if 'checksum' in ckpt and _checksum_of(ckpt) != ckpt['checksum']:
+        raise CheckpointError(f"{path}: its tensors do not match the checksum saved with them: the file was damaged after it "
+                              "was written (disk, copy or transfer). Use another copy, or an earlier checkpoint")
     return ckpt
 
 _WEIGHTS_HINT = ' (a checkpoint of another family or model size?)'   # for load_weights
@@ -231,11 +316,13 @@ class Trainer:
     def __init__(self, tcfg: TrainConfig, cfg, # the run's settings and the family's model config
                  train_ds: CocoDetection, out_dir: Path|str,
                  evaluate_fn: Callable|None=None, # (model, postprocess) -> {'AP': ..., 'AP50': ..., ...}
-                 progress: bool=True): # tqdm progress bars
+                 progress: bool=True, # tqdm progress bars
+                 overwrite: bool=False): # a fresh run may replace a run already in out_dir (else: refused)
+        check_settings(tcfg, cfg)
         if cfg.num_classes < train_ds.num_classes:
             raise TrainingError(f"num_classes={cfg.num_classes} but {train_ds.ann_file} has category ids up to {train_ds.num_classes - 1}")
         self.tcfg, self.cfg, self.train_ds, self.out = tcfg, cfg, train_ds, Path(out_dir)
-        self.evaluate_fn, self.progress = evaluate_fn, progress
+        self.evaluate_fn, self.progress, self.overwrite = evaluate_fn, progress, overwrite
         fam = get_family(tcfg.family)
         set_seed(tcfg.seed)
         self.model = adapt_backbone(fam.build_model(cfg), tcfg.train_stem, tcfg.trainable_norm).to(tcfg.device)
@@ -244,6 +331,7 @@ class Trainer:
         train_ds.seed = tcfg.seed
         self.loader = make_loader(train_ds, cfg.batch_size, train=True, seed=tcfg.seed, num_workers=tcfg.num_workers)
         self.epoch, self.step, self.global_step, self.saved_step, self.last_eval, self.last_metrics = 0, 0, 0, None, None, None
+        self.saved_eval = None                                              # the last_eval the checkpoint on disk holds
         self.log = MetricsLog(self.out/'metrics.jsonl')
 
     @property
@@ -252,19 +340,49 @@ class Trainer:
 # %% ../nbs/22_train.ipynb #eac795c3
 @patch
 def state(self: Trainer) -> dict:
-    "Everything a resumed run needs, as a weights_only-loadable dict."
+    "Everything a resumed run needs, as a weights_only-loadable dict, with the checksum of its tensors."
     ds = self.train_ds
-    return {'format': CHECKPOINT_FORMAT, 'family': self.tcfg.family,
-            'model_config': asdict(self.cfg), 'train_config': asdict(self.tcfg),
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'lr_scheduler': self.scheduler.state_dict(),
-            'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step, 'rng': rng_state(),
-            'classes': {'label_to_cat': dict(ds.label_to_cat), 'names': dict(ds.names), 'remap': self.tcfg.remap_categories},
-            'last_eval': self.last_eval}
+    state = {'format': CHECKPOINT_FORMAT, 'family': self.tcfg.family,
+             'model_config': asdict(self.cfg), 'train_config': asdict(self.tcfg),
+             'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'lr_scheduler': self.scheduler.state_dict(),
+             'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step, 'rng': rng_state(),
+             'classes': {'label_to_cat': dict(ds.label_to_cat), 'names': dict(ds.names), 'remap': self.tcfg.remap_categories},
+             'last_eval': self.last_eval}
+    return {**state, 'checksum': _checksum_of(state)}
+
+@contextlib.contextmanager
+def _interrupts_held():
+    "Hold Ctrl-C (SIGINT) until the block has finished, then raise KeyboardInterrupt: a save is completed, never cut."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try: yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received: raise KeyboardInterrupt
+
+@patch
+def _kept(self: Trainer) -> str:
+    return (f"the last checkpoint {self.checkpoint_path} (global step {self.saved_step}) is intact" if self.saved_step is not None
+            else "no checkpoint had been written yet")
+
+@patch
+def _writing(self: Trainer, what: str):
+    "A context turning an OSError while writing `what` (a full disk, a folder made read-only...) into a TrainingError."
+    @contextlib.contextmanager
+    def guard():
+        try: yield
+        except OSError as e:
+            why = 'no space left on device' if e.errno == errno.ENOSPC else (e.strerror or str(e)).lower()
+            raise TrainingError(f"cannot write {what}: {why}; {self._kept()}, nothing half-written was left behind. "
+                                "Fix it and run the same command with --resume") from None
+    return guard()
 
 @patch
 def save(self: Trainer) -> Path:
-    atomic_save(self.state(), self.checkpoint_path)
-    self.saved_step = self.global_step
+    state = self.state()
+    with self._writing(self.checkpoint_path), _interrupts_held(): atomic_save(state, self.checkpoint_path)
+    self.saved_step, self.saved_eval = self.global_step, self.last_eval
     return self.checkpoint_path
 
 @patch
@@ -275,6 +393,7 @@ def load_state(self: Trainer, ckpt: dict, path='checkpoint'):
     self.optimizer.load_state_dict(ckpt['optimizer']); self.scheduler.load_state_dict(ckpt['lr_scheduler'])
     self.epoch, self.step, self.global_step = ckpt['epoch'], ckpt['step'], ckpt['global_step']
     self.saved_step, self.last_eval = self.global_step, ckpt.get('last_eval')
+    self.saved_eval = self.last_eval
     set_rng_state(ckpt['rng'])
     return self
 
@@ -299,8 +418,9 @@ def run_epoch(self: Trainer, t0: float) -> bool:
         try: losses = train_step(self.model, self.criterion, self.optimizer, batch, self.cfg.clip_max_norm, self.tcfg.device)
         except NonFiniteLoss as e: raise self._fail(e) from None
         self.step += 1; self.global_step += 1
-        self.log.append({'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step,
-                         'lr': self.optimizer.param_groups[0]['lr'], **losses})
+        with self._writing(self.log.path):
+            self.log.append({'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step,
+                             'lr': self.optimizer.param_groups[0]['lr'], **losses})
         recent = (recent + [losses['loss']])[-50:]
         bar.update(); bar.set_postfix(loss=f'{np.mean(recent):.3f}')
         if self.tcfg.checkpoint_every and self.global_step % self.tcfg.checkpoint_every == 0: self.save()
@@ -310,11 +430,9 @@ def run_epoch(self: Trainer, t0: float) -> bool:
 @patch
 def _fail(self: Trainer, e: Exception) -> TrainingError:
     where = f"epoch {self.epoch + 1} step {self.step + 1} (global step {self.global_step + 1})"
-    kept = (f"the last checkpoint {self.checkpoint_path} (global step {self.saved_step}) is intact" if self.saved_step is not None
-            else "no checkpoint had been written yet")
-    self.log.append({'epoch': self.epoch, 'global_step': self.global_step + 1, 'error': str(e)})
-    return TrainingError(f"{where}: {e}; training stopped before updating the weights, {kept}. "
-                         "Try a lower learning rate (--lr) or check the data.")
+    with contextlib.suppress(OSError): self.log.append({'epoch': self.epoch, 'global_step': self.global_step + 1, 'error': str(e)})
+    when = ("the weights in memory are lost, " if isinstance(e, NonFiniteWeights) else "training stopped before updating the weights, ")
+    return TrainingError(f"{where}: {e}; {when}{self._kept()}. Try a lower learning rate (--lr) or check the data.")
 
 # %% ../nbs/22_train.ipynb #fd31cb77
 @patch
@@ -325,30 +443,90 @@ def evaluate(self: Trainer) -> dict|None:
     with torch.no_grad(): metrics = self.evaluate_fn(self.model, self.postprocess)
     self.last_metrics = metrics                                               # incl. per-class AP and the printed table
     self.last_eval = {'epoch': self.epoch, 'global_step': self.global_step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    self.log.append({'epoch': self.epoch, 'global_step': self.global_step, 'eval': self.last_eval})
+    with self._writing(self.log.path): self.log.append({'epoch': self.epoch, 'global_step': self.global_step, 'eval': self.last_eval})
     return self.last_eval
+
+@patch
+def _evaluate_saved(self: Trainer) -> dict|None:
+    "Evaluate the model whose checkpoint is on disk; a failure says that the training is kept."
+    try: return self.evaluate()
+    except DatasetError as e:
+        raise TrainingError(f"the evaluation at global step {self.global_step} failed: {e}. The training is kept ({self._kept()}): "
+                            "fix the file and run the same command with --resume (or train with --eval-every 0)") from None
 
 @patch
 def end_epoch(self: Trainer):
     self.scheduler.step(); self.epoch += 1; self.step = 0
-    if self.tcfg.eval_every and self.epoch % self.tcfg.eval_every == 0: self.evaluate()
-    if self.tcfg.epoch_checkpoints: self.save(); self.plot()
+    if self.tcfg.epoch_checkpoints: self.save()                        # the epoch's work is on disk before anything else runs
+    if self.tcfg.eval_every and self.epoch % self.tcfg.eval_every == 0: self._evaluate_saved()
+    if self.tcfg.epoch_checkpoints:
+        with self._writing(self.out/'curves.png'): self.plot()
+
+# %% ../nbs/22_train.ipynb #e6a1b2c1
+class RunLock:
+    "An exclusive lock on a run folder: `<out>/.lock`, held (flock) while the process lives, with its pid for the message."
+    def __init__(self, out: Path|str): self.path, self.file = Path(out)/'.lock', None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, 'a+')
+        try: import fcntl
+        except ImportError: self.file = f; return self               # Windows: no lock
+        try: fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0); holder = f.read().strip() or 'another process'; f.close()
+            raise TrainingError(f"{self.path.parent}: another training is writing this run folder ({holder}); "
+                                "wait for it to finish, or choose another --out") from None
+        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush(); self.file = f                                      # a crash releases the flock: the next run takes over
+        return self
+
+    def release(self):
+        if self.file is None: return
+        self.file.seek(0); self.file.truncate(); self.file.close(); self.file = None
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
 
 # %% ../nbs/22_train.ipynb #d456f0a1
+@patch
+def _holds_a_run(self: Trainer) -> str|None:
+    "What in the run folder shows that it holds a run ('checkpoint.pt', 'metrics.jsonl'), or None."
+    if self.checkpoint_path.exists(): return self.checkpoint_path.name
+    if self.log.read(): return self.log.path.name
+    return None
+
+@patch
+def _start(self: Trainer):
+    "Before the first step (holding the lock): refuse another run's folder, clean up, line the log up with the checkpoint."
+    if self.saved_step is None and self.global_step == 0 and (found := self._holds_a_run()):
+        if not self.overwrite:
+            raise TrainingError(f"{self.out} holds a run already ({found}); continue it with --resume, replace it with "
+                                "--overwrite, or choose another --out")
+        for name in ('checkpoint.pt', 'metrics.jsonl', 'curves.png'): (self.out/name).unlink(missing_ok=True)
+    for tmp in self.out.glob('.*.tmp'): tmp.unlink()                   # interrupted atomic writes (core.atomic_save)
+    with self._writing(self.log.path): self.log.truncate(self.global_step)
+    if self.last_eval is None or self.last_eval['global_step'] != self.global_step:   # evaluated after the last save
+        found = [r['eval'] for r in self.log.read() if 'eval' in r and r['global_step'] == self.global_step]
+        if found: self.last_eval = found[-1]
+
 @patch
 def fit(self: Trainer) -> dict:
     "Train to cfg.epochs (or max_steps / time_limit); returns a summary."
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.time()
-    self.out.mkdir(parents=True, exist_ok=True)
-    self.log.truncate(self.global_step)
-    stopped = False
-    while self.epoch < self.cfg.epochs and not stopped:
-        stopped = self.run_epoch(t0)
-        if self.step >= self.loader.batch_sampler.num_batches(): self.end_epoch()
-    if self.last_eval is None or self.last_eval['global_step'] != self.global_step: self.evaluate()
-    if self.saved_step != self.global_step: self.save()
-    self.plot()
+    with self._writing(self.out): self.out.mkdir(parents=True, exist_ok=True); lock = RunLock(self.out).acquire()
+    try:
+        self._start()
+        stopped = False
+        while self.epoch < self.cfg.epochs and not stopped:
+            stopped = self.run_epoch(t0)
+            if self.step >= self.loader.batch_sampler.num_batches(): self.end_epoch()
+        if self.saved_step != self.global_step: self.save()
+        if self.last_eval is None or self.last_eval['global_step'] != self.global_step: self._evaluate_saved()
+        if self.saved_eval != self.last_eval: self.save()              # the checkpoint carries the final evaluation
+        with self._writing(self.out/'curves.png'): self.plot()
+    finally: lock.release()
     return {'epoch': self.epoch, 'global_step': self.global_step, 'minutes': (time.time() - t0) / 60,
             'checkpoint': str(self.checkpoint_path), 'eval': self.last_eval}
 
