@@ -21,24 +21,23 @@ from torch import nn, Tensor
 from .core import coco_sample_dir, load_official_fixture, shared_dir
 from .box_ops import box_cxcywh_to_xyxy
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, resize_size
-from .official import FAMILIES, family_module, from_official
+from .official import CheckpointError, from_official   # official: every family registered
+from .family import family_names, get_family
 from .hub import OFFICIAL_CHECKPOINTS, cache_dir
 
 # %% auto #0
-__all__ = ['FAMILY_TITLES', 'SAMPLE_IMAGE', 'FIG_WIDTH', 'FIG_DPI', 'LoadedModel', 'as_loaded', 'coco_names', 'random_model',
-           'cached_official', 'default_source', 'load_model', 'ExplorerImage', 'sample_image', 'load_image', 'HookSet',
-           'call_args', 'layer_predictions', 'query_scores', 'head_map', 'argmax2d', 'panel_rows', 'overlay',
-           'colorbar', 'box_to_pixels', 'draw_box', 'weights_banner', 'slider', 'dropdown', 'head_options',
-           'query_options', 'interactive_backend', 'new_figure', 'figure_png', 'ExplorerBase']
+__all__ = ['SAMPLE_IMAGE', 'FIG_WIDTH', 'FIG_DPI', 'LoadedModel', 'as_loaded', 'coco_names', 'random_model', 'cached_official',
+           'default_source', 'load_model', 'ExplorerImage', 'sample_image', 'load_image', 'HookSet', 'call_args',
+           'layer_predictions', 'query_scores', 'head_map', 'argmax2d', 'panel_rows', 'overlay', 'colorbar',
+           'box_to_pixels', 'draw_box', 'weights_banner', 'slider', 'dropdown', 'head_options', 'query_options',
+           'interactive_backend', 'new_figure', 'figure_png', 'ExplorerBase']
 
 # %% ../nbs/39_explore_base.ipynb #7700c2eb
-FAMILY_TITLES = {'detr': 'DETR', 'deformable_detr': 'Deformable DETR', 'dab_detr': 'DAB-DETR'}
-
 @dataclass
 class LoadedModel:
     "A model ready to explore, and where it came from."
     model: nn.Module                 # in eval mode
-    family: str                      # 'detr', 'deformable_detr' or 'dab_detr'
+    family: str                      # a registered family: 'detr', 'deformable_detr', 'dab_detr', ...
     source: str                      # 'fixture', 'random', a checkpoint path, or an official checkpoint name/URL
     names: dict = field(default_factory=dict)  # class label -> name ({} when unknown)
     image_size: int|None = None      # the shorter image side it was trained at, when known
@@ -48,7 +47,8 @@ class LoadedModel:
 _MECHANISM = 'the mechanism, not what training learns'
 
 def _check_family(family) -> str:
-    if family not in FAMILIES: raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    names = family_names()
+    if family not in names: raise ValueError(f"family must be one of {', '.join(names)}, not {family!r}")
     return family
 
 def as_loaded(model: nn.Module|LoadedModel, family: str) -> LoadedModel:
@@ -59,8 +59,8 @@ def as_loaded(model: nn.Module|LoadedModel, family: str) -> LoadedModel:
 # %% ../nbs/39_explore_base.ipynb #5c0299d7
 def _training_checkpoint(path: Path, family: str|None) -> LoadedModel|None:
     "A LoadedModel from a detr_explained training checkpoint, or None if `path` is not one."
-    from detr_explained.train import CheckpointError, load_checkpoint, model_from_checkpoint
-    try: load_checkpoint(path)
+    from detr_explained.train import load_training_checkpoint, model_from_checkpoint
+    try: load_training_checkpoint(path)
     except CheckpointError as e:
         if 'not a detr_explained training checkpoint' in str(e): return None
         raise
@@ -83,7 +83,7 @@ def random_model(family: str, seed: int=0) -> nn.Module:
     "A `family` model of the 'demo' training preset's shape (ResNet-18, 8 heads), randomly initialised, in eval mode."
     from detr_explained.train import model_config
     torch.manual_seed(seed)
-    return family_module(_check_family(family)).build_model(model_config(family, 'demo')).eval()
+    return get_family(_check_family(family)).build_model(model_config(family, 'demo')).eval()
 
 # %% ../nbs/39_explore_base.ipynb #ec2e3469
 def cached_official(family: str) -> str|None:
@@ -263,7 +263,7 @@ def draw_box(ax, xyxy, color='lime', lw=2, ls='-', label=None):
 
 def weights_banner(fig: Figure, lm: LoadedModel):
     "The sentence above the panels saying which model and weights are drawn (red for random weights)."
-    text = f'{FAMILY_TITLES.get(lm.family, lm.family)} — {lm.weights or lm.source}'
+    text = f'{get_family(lm.family).title} — {lm.weights or lm.source}'
     fig.text(0.005, 1 - 0.05 / fig.get_figheight(), text, va='top', fontsize=10, weight='bold',
              color='firebrick' if lm.random_weights else 'black')
 
