@@ -137,7 +137,7 @@ def forward(self: SetCriterion, outputs: dict, # pred_logits, pred_boxes (last l
     last = {k: v for k, v in outputs.items() if k not in ('aux_outputs', 'enc_outputs')}
     num_boxes = count_boxes(targets, last['pred_logits'].device)
     losses = self.layer_losses(last, targets, self.matcher(last, targets), num_boxes)
-    for i, aux in enumerate(outputs.get('aux_outputs', [])):        # decoder layers 0 .. L-2
+    for i, aux in enumerate(outputs.get('aux_outputs', [])):        # decoder layers 0 .. N_dec-2
         losses.update(self.layer_losses(aux, targets, self.matcher(aux, targets), num_boxes, f'_{i}', log=False))
     if 'enc_outputs' in outputs:                                       # two-stage: class-agnostic proposals
         enc, binary = outputs['enc_outputs'], [{**t, 'labels': torch.zeros_like(t['labels'])} for t in targets]
@@ -146,7 +146,7 @@ def forward(self: SetCriterion, outputs: dict, # pred_logits, pred_boxes (last l
 
 # %% ../nbs/08_criterion.ipynb #168cb7ba
 def loss_weights(cls_loss_coef: float=1., bbox_loss_coef: float=5., giou_loss_coef: float=2.,
-                 dec_layers: int=6,       # L decoder layers: aux suffixes _0 .. _{L-2}
+                 dec_layers: int=6,       # N_dec decoder layers: aux suffixes _0 .. _{N_dec-2}
                  aux_loss: bool=True,
                  enc: bool=False,         # add `_enc` keys (Deformable DETR's builder always does, with aux_loss)
                 ) -> dict[str, float]:
@@ -246,9 +246,9 @@ class PostProcessTopK(nn.Module):
         logits = outputs['pred_logits']                                        # (B, Q, K)
         if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2: raise ValueError("target_sizes must be (B, 2) (h, w)")
         B, Q, K = logits.shape
-        n = min(self.num_select, Q * K)                                         # (the official code fails if Q*K < num_select)
-        scores, flat = logits.sigmoid().view(B, Q * K).topk(n, dim=1)           # (B, Q, K) -> (B, Q*K) -> (B, n)
-        query, labels = flat // K, flat % K                                     # (B, n), (B, n)
+        k = min(self.num_select, Q * K)                                         # (the official code fails if Q*K < num_select)
+        scores, flat = logits.sigmoid().view(B, Q * K).topk(k, dim=1)           # (B, Q, K) -> (B, Q*K) -> (B, k)
+        query, labels = flat // K, flat % K                                     # (B, k), (B, k)
         boxes = scale_boxes(outputs['pred_boxes'], target_sizes)               # (B, Q, 4)
-        boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))             # (B, n, 4)
+        boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))             # (B, k, 4)
         return [{'scores': s, 'labels': l, 'boxes': b} for s, l, b in zip(scores, labels, boxes)]

@@ -33,10 +33,10 @@ class DABDETRConfig:
     lr_backbone: float = 1e-5            # > 0: backbone layer2-4 train (conv1, layer1 never do); 0: frozen
     pretrained_backbone: str|None = None # local torchvision ResNet weights file; nothing is downloaded
     # transformer
-    hidden_dim: int = 256                # d_model, D
+    hidden_dim: int = 256                # d_model, C
     nheads: int = 8                      # attention heads, M
     enc_layers: int = 6                  # encoder layers
-    dec_layers: int = 6                  # decoder layers, L
+    dec_layers: int = 6                  # decoder layers, N_dec
     dim_feedforward: int = 2048          # FFN width inside each layer
     dropout: float = 0.0                 # dropout inside the transformer (DAB-DETR: none)
     transformer_activation: str = 'prelu'  # FFN activation (a learned PReLU slope per layer)
@@ -122,9 +122,9 @@ class DABDETR(nn.Module):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight); nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
 # %% ../nbs/16_dab_detr.ipynb #1f60ee24
-def predict_boxes(bbox_embed: nn.Module, hs: Tensor, # (L, B, Q, D) normed decoder states
-                  references: Tensor, # (L or 1, B, Q, 4) anchor entering each layer (1: anchors never moved)
-                 ) -> Tensor: # (L, B, Q, 4) cxcywh in (0, 1)
+def predict_boxes(bbox_embed: nn.Module, hs: Tensor, # (N_dec, B, Q, C) normed decoder states
+                  references: Tensor, # (N_dec or 1, B, Q, 4) anchor entering each layer (1: anchors never moved)
+                 ) -> Tensor: # (N_dec, B, Q, 4) cxcywh in (0, 1)
     "sigmoid(bbox_embed(h) + inverse_sigmoid(anchor)), layer by layer."
     return (bbox_embed(hs) + inverse_sigmoid(references, eps=1e-3)).sigmoid()
 
@@ -132,14 +132,14 @@ def predict_boxes(bbox_embed: nn.Module, hs: Tensor, # (L, B, Q, D) normed decod
 def forward(self: DABDETR,
             tensors: Tensor|list[Tensor], # (B, 3, H, W) padded batch, or a list of (3, h_i, w_i) images
             mask: Tensor|None=None, # (B, H, W) bool, True = padding; None = no padding
-           ) -> dict: # pred_logits (B, Q', K), pred_boxes (B, Q', 4), aux_outputs [{...}] * (L - 1)
+           ) -> dict: # pred_logits (B, Q', K), pred_boxes (B, Q', 4), aux_outputs [{...}] * (N_dec - 1)
     if isinstance(tensors, (list, tuple)): tensors, mask = pad_images(list(tensors))
     if mask is None: mask = torch.zeros(tensors.shape[0], *tensors.shape[-2:], dtype=torch.bool, device=tensors.device)
     features, pos = self.backbone(tensors, mask)
     src, src_mask = features[-1]                                                         # (B, C_b, H, W), (B, H, W)
     anchors = refpoints_unsigmoid(self.refpoint_embed.weight, self.freeze_refpoints_xy)  # (Q, 4)
-    hs, references = self.transformer(self.input_proj(src), src_mask, anchors, pos[-1])  # (L, B, Q', D), (L, B, Q', 4)
-    logits, boxes = self.class_embed(hs), predict_boxes(self.bbox_embed, hs, references)  # (L, B, Q', K), (L, B, Q', 4)
+    hs, references = self.transformer(self.input_proj(src), src_mask, anchors, pos[-1])  # (N_dec, B, Q', C), (N_dec, B, Q', 4)
+    logits, boxes = self.class_embed(hs), predict_boxes(self.bbox_embed, hs, references)  # (N_dec, B, Q', K), (N_dec, B, Q', 4)
     out = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1]}
     if self.aux_loss: out['aux_outputs'] = aux_outputs(logits, boxes)
     return out

@@ -179,10 +179,10 @@ class DeformableDETR(nn.Module):
 # %% ../nbs/12_deformable_detr.ipynb #39bf563f
 @patch
 def predict(self: DeformableDETR,
-            hs: Tensor, # (n, B, Q, C) decoder outputs
-            init_reference: Tensor, # (B, Q, 2|4)
-            inter_references: Tensor, # (n, B, Q, 2|4): reference after each layer
-           ) -> tuple[Tensor, Tensor]: # logits (n, B, Q, K), boxes (n, B, Q, 4)
+            hs: Tensor, # (N_dec, B, Q, C) decoder outputs
+            init_reference: Tensor, # (B, Q, 2 or 4)
+            inter_references: Tensor, # (N_dec, B, Q, 2 or 4): reference after each layer
+           ) -> tuple[Tensor, Tensor]: # logits (N_dec, B, Q, K), boxes (N_dec, B, Q, 4)
     references = [init_reference] + list(inter_references[:-1])               # the reference each layer used
     logits = torch.stack([self.class_embed[l](hs[l]) for l in range(len(hs))])
     boxes = torch.stack([box_from_reference(self.bbox_embed[l](hs[l]), references[l]) for l in range(len(hs))])
@@ -229,7 +229,7 @@ class DeformableDETRTwoStage(DeformableDETRBoxRefine):
         class_embeds, bbox_embeds = super()._make_layer_heads(class_embed, bbox_embed, n_layers + 1)
         with torch.no_grad():
             for b in bbox_embeds: b.layers[-1].bias[2:] = 0.0
-        self.transformer.decoder.class_embed = class_embeds          # class_embed[L] scores the proposals
+        self.transformer.decoder.class_embed = class_embeds          # class_embed[N_dec] scores the proposals
         return class_embeds, bbox_embeds
 
 # %% ../nbs/12_deformable_detr.ipynb #749ba195

@@ -31,7 +31,7 @@ class DETRConfig:
     hidden_dim: int = 256                # d_model, C
     nheads: int = 8                      # attention heads, M
     enc_layers: int = 6                  # encoder layers
-    dec_layers: int = 6                  # decoder layers, L
+    dec_layers: int = 6                  # decoder layers, N_dec
     dim_feedforward: int = 2048          # FFN width inside each layer
     dropout: float = 0.1                 # dropout inside the transformer
     activation: str = 'relu'             # FFN activation
@@ -90,8 +90,8 @@ class DETR(nn.Module):
         if mask is None: mask = torch.zeros_like(tensors[:, 0], dtype=torch.bool)   # (B, H0, W0)
         features, pos = self.backbone(tensors, mask)
         src, mask = features[-1]                                  # (B, C_b, H, W), (B, H, W)
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]  # (L, B, Q, C)
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()  # (L, B, Q, K+1), (L, B, Q, 4)
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]  # (N_dec, B, Q, C)
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()  # (N_dec, B, Q, K+1), (N_dec, B, Q, 4)
         out = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1]}
         if self.aux_loss: out['aux_outputs'] = aux_outputs(logits, boxes)
         return out
