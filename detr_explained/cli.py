@@ -4,14 +4,41 @@
 
 # %% ../nbs/24_cli.ipynb #e9ea8069
 from __future__ import annotations
-import argparse, sys, time
+import argparse, errno, math, os, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEMO_FAMILY', 'DEMO_DATA', 'DESCRIPTION', 'FAMILY_CHOICES', 'DEMO_SCORE_THRESHOLD', 'DELEGATED', 'COMMANDS',
-           'build_parser', 'cmd_make_synthetic', 'train_changes', 'make_trainer', 'describe', 'report', 'cmd_train',
-           'evaluate_official', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
+__all__ = ['COUNT', 'NON_NEGATIVE', 'POSITIVE', 'NON_NEGATIVE_FLOAT', 'DEMO_FAMILY', 'DEMO_DATA', 'DESCRIPTION', 'FAMILY_CHOICES',
+           'DEMO_SCORE_THRESHOLD', 'DELEGATED', 'COMMANDS', 'OneLineParser', 'build_parser', 'cmd_make_synthetic',
+           'train_changes', 'make_trainer', 'describe', 'report', 'cmd_train', 'evaluate_official', 'cmd_evaluate',
+           'cmd_predict', 'cmd_demo', 'user_error', 'main']
+
+# %% ../nbs/24_cli.ipynb #f7b2c3d2
+class OneLineParser(argparse.ArgumentParser):
+    "An ArgumentParser whose errors are one line on stderr (exit status 2), without the usage."
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+def _number(kind: type, low: float, strict: bool=False, what: str=''):
+    "An argparse `type`: `kind` (int or float) >= low (> low if strict), finite."
+    def parse(text: str):
+        try: v = kind(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(v) or v < low or (strict and v == low): raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return v
+    parse.__name__ = what
+    return parse
+
+COUNT = _number(int, 1, what='an integer >= 1')              # images, epochs, steps, threads, batch size
+NON_NEGATIVE = _number(int, 0, what='an integer >= 0')       # seeds, "every N" (0: never)
+POSITIVE = _number(float, 0, strict=True, what='a finite number > 0')      # learning rate, minutes
+NON_NEGATIVE_FLOAT = _number(float, 0, what='a finite number >= 0')        # backbone learning rate (0 freezes it)
+
+def _score(text: str) -> float:
+    v = _number(float, 0, what='a score in [0, 1]')(text)
+    if v > 1: raise argparse.ArgumentTypeError(f"{text!r} is not a score in [0, 1]")
+    return v
 
 # %% ../nbs/24_cli.ipynb #671c0ae3
 DEMO_FAMILY = 'deformable_detr'                      # the family that learns the synthetic shapes fastest on a CPU (see `demo`)
@@ -46,30 +73,31 @@ def _add_train_options(p: argparse.ArgumentParser):
     g.add_argument('--family', choices=FAMILY_CHOICES, metavar='FAMILY', help='model family: %(choices)s (default: detr)')
     g.add_argument('--preset', help="'small' (default; a laptop CPU on real photos), 'demo' (synthetic shapes), "
                                    "'official' (the papers' settings: ResNet-50, 800-pixel images; for a GPU), 'tiny' (tests)")
-    g.add_argument('--epochs', type=int, help='number of epochs')
-    g.add_argument('--batch-size', type=int, help='images per step')
-    g.add_argument('--lr', type=float, help='learning rate of the transformer and heads (official 1e-4; Deformable 2e-4)')
-    g.add_argument('--lr-backbone', type=float, help='learning rate of the backbone (official 1e-5; 0 freezes it)')
-    g.add_argument('--lr-drop', type=int, help='divide the learning rates by 10 after this many epochs')
-    g.add_argument('--image-size', type=int, help='shorter image side at validation; training sizes scale with it (official 800)')
+    g.add_argument('--epochs', type=COUNT, help='number of epochs')
+    g.add_argument('--batch-size', type=COUNT, help='images per step')
+    g.add_argument('--lr', type=POSITIVE, help='learning rate of the transformer and heads (official 1e-4; Deformable 2e-4)')
+    g.add_argument('--lr-backbone', type=NON_NEGATIVE_FLOAT, help='learning rate of the backbone (official 1e-5; 0 freezes it)')
+    g.add_argument('--lr-drop', type=COUNT, help='divide the learning rates by 10 after this many epochs')
+    g.add_argument('--image-size', type=COUNT, help='shorter image side at validation; training sizes scale with it (official 800)')
     g.add_argument('--augment', choices=['official', 'multiscale', 'flip', 'none'], help='training augmentations')
     g.add_argument('--pretrained-backbone', metavar='PATH', help='local torchvision ResNet weights (.pth); nothing is downloaded')
     g.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE', help='any other model config field, e.g. --set num_queries=50 hidden_dim=128')
-    g.add_argument('--seed', type=int, help='seed of the weights, the data order and the augmentations (default 42)')
+    g.add_argument('--seed', type=NON_NEGATIVE, help='seed of the weights, the data order and the augmentations (default 42)')
     g.add_argument('--remap-categories', action='store_true', default=None, help='use classes 0..K-1 instead of the category ids (sparse ids)')
     r = p.add_argument_group('running')
     r.add_argument('--out', help='run folder for checkpoint.pt, metrics.jsonl, curves.png (default: runs/<family>_<preset>)')
     r.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
                    help='continue a run exactly where it stopped: from CHECKPOINT, or without a value from <out>/checkpoint.pt if there is one')
-    r.add_argument('--checkpoint-every', type=int, help='also save a checkpoint every N steps (a kill loses at most N steps)')
-    r.add_argument('--eval-every', type=int, help='evaluate on the val split every N epochs (0: never)')
-    r.add_argument('--max-steps', type=int, help='stop after N steps in all')
-    r.add_argument('--time-limit', type=float, metavar='MINUTES', help='stop after this many minutes')
+    r.add_argument('--overwrite', action='store_true', help='replace the run already in --out (without it, a folder holding a run is refused)')
+    r.add_argument('--checkpoint-every', type=NON_NEGATIVE, help='also save a checkpoint every N steps (a kill loses at most N steps)')
+    r.add_argument('--eval-every', type=NON_NEGATIVE, help='evaluate on the val split every N epochs (0: never)')
+    r.add_argument('--max-steps', type=COUNT, help='stop after N steps in all')
+    r.add_argument('--time-limit', type=POSITIVE, metavar='MINUTES', help='stop after this many minutes')
     _add_common(r)
 
 def _add_common(p):
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
-    p.add_argument('--threads', type=int, help='CPU threads for torch (default: all cores)')
+    p.add_argument('--threads', type=COUNT, help='CPU threads for torch (default: all cores)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 # %% ../nbs/24_cli.ipynb #46f56bfa
@@ -83,32 +111,42 @@ def _coco_subset(argv: list[str]) -> int:
     from detr_explained.coco_subset import main_coco_subset
     return main_coco_subset(argv)
 
-DELEGATED = {  # command -> (function(argv) -> exit code, help); their parsers live in 30_hub and 31_coco_subset
+def _course_models(argv: list[str]) -> int:
+    from detr_explained.course import main_course_models
+    return main_course_models(argv)
+
+def _race(argv: list[str]) -> int:
+    from detr_explained.race import main_race
+    return main_race(argv)
+
+DELEGATED = {  # command -> (function(argv) -> exit code, help); each parser lives in its own notebook (30, 31, 25, 26)
     'fetch': (_fetch, 'download, verify and load a published checkpoint (`fetch --help`)'),
     'coco-subset': (_coco_subset, 'build a COCO subset from the official annotations and images (`coco-subset --help`)'),
+    'course-models': (_course_models, 'list the trained course models, or rebuild them (`course-models --help`)'),
+    'race': (_race, 'the convergence race: every family and ablation under one budget (`race --help`)'),
 }
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='detr-explained', description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog='detr-explained', description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     p = sub.add_parser('demo', help='synthetic data -> train -> evaluate, on a CPU in minutes (start here)',
                        description='Make the synthetic shapes dataset, train the fastest-learning model on it, evaluate it, and save curves and pictures.')
     p.add_argument('--out', default='runs/demo', help='folder for the dataset and the run (default runs/demo)')
     p.add_argument('--family', choices=FAMILY_CHOICES, metavar='FAMILY', help=f'model family: %(choices)s (default: {DEMO_FAMILY}, the fastest learner)')
-    p.add_argument('--epochs', type=int, help="number of epochs (default: the demo preset's)")
-    p.add_argument('--time-limit', type=float, metavar='MINUTES', help='stop training after this many minutes')
-    p.add_argument('--images', type=int, default=DEMO_DATA['n_train'], help=f"training images to generate (default {DEMO_DATA['n_train']})")
-    p.add_argument('--val-images', type=int, default=DEMO_DATA['n_val'], help=f"validation images to generate (default {DEMO_DATA['n_val']})")
-    p.add_argument('--max-steps', type=int, help='stop training after this many steps (a quick look)')
+    p.add_argument('--epochs', type=COUNT, help="number of epochs (default: the demo preset's)")
+    p.add_argument('--time-limit', type=POSITIVE, metavar='MINUTES', help='stop training after this many minutes')
+    p.add_argument('--images', type=COUNT, default=DEMO_DATA['n_train'], help=f"training images to generate (default {DEMO_DATA['n_train']})")
+    p.add_argument('--val-images', type=COUNT, default=DEMO_DATA['n_val'], help=f"validation images to generate (default {DEMO_DATA['n_val']})")
+    p.add_argument('--max-steps', type=COUNT, help='stop training after this many steps (a quick look)')
     _add_common(p)
     p = sub.add_parser('make-synthetic', help='write the synthetic shapes dataset in COCO format',
                        description='Write images/ and annotations/instances_{train,val}.json; the same seed gives the same bytes.')
     p.add_argument('--out', required=True, help='folder to write')
-    p.add_argument('--train', type=int, default=2000, help='training images (default 2000)')
-    p.add_argument('--val', type=int, default=200, help='validation images (default 200)')
-    p.add_argument('--size', type=int, default=128, help='image side in pixels (default 128)')
-    p.add_argument('--seed', type=int, default=0, help='seed (default 0)')
-    p.add_argument('--max-objects', type=int, default=4, help='at most this many objects per image (default 4)')
+    p.add_argument('--train', type=COUNT, default=2000, help='training images (default 2000)')
+    p.add_argument('--val', type=COUNT, default=200, help='validation images (default 200)')
+    p.add_argument('--size', type=_number(int, 16, what='an integer >= 16'), default=128, help='image side in pixels (default 128)')
+    p.add_argument('--seed', type=NON_NEGATIVE, default=0, help='seed (default 0)')
+    p.add_argument('--max-objects', type=COUNT, default=4, help='at most this many objects per image (default 4)')
     p.add_argument('--overwrite', action='store_true', help='rewrite even if the same dataset is there')
     p = sub.add_parser('train', help='train a model on a COCO-format folder', description='Train DETR, Deformable DETR or DAB-DETR.')
     p.add_argument('--data', required=True, help='COCO-format folder (annotations/ and images)')
@@ -121,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data', required=True, help='COCO-format folder')
     p.add_argument('--split', default='val', help="split to evaluate (default 'val')")
     p.add_argument('--out', help='metrics JSON to write (default: metrics_<split>.json beside the checkpoint)')
-    p.add_argument('--batch-size', type=int, default=8, help='images per batch (default 8)')
+    p.add_argument('--batch-size', type=COUNT, default=8, help='images per batch (default 8)')
     _add_common(p)
     p = sub.add_parser('predict', help='detect objects in image files', description='Draw detections on images (PNG) and write detections.json.')
     p.add_argument('--checkpoint', required=True, help='checkpoint.pt written by train')
     p.add_argument('images', nargs='+', help='image files')
     p.add_argument('--out', default='predictions', help='output folder (default predictions/)')
-    p.add_argument('--threshold', type=float, default=0.5, help='keep detections with at least this score (default 0.5)')
+    p.add_argument('--threshold', type=_score, default=0.5, help='keep detections with at least this score (default 0.5)')
     _add_common(p)
     for name, (_, help_) in DELEGATED.items():         # their own parsers live in hub / coco_subset (imported only when used)
         p = sub.add_parser(name, help=help_, add_help=False)
@@ -179,6 +217,7 @@ def _resume_path(args, out: Path) -> Path|None:
 def make_trainer(args, out: Path, progress: bool):
     "The Trainer for `train` (fresh or resumed) and a one-line description of it."
     from detr_explained.official import CheckpointError
+    from detr_explained.train import TrainingError
     from detr_explained.train import (Trainer, train_config, model_config, datasets_from_folder, load_training_checkpoint,
                                       trainer_from_checkpoint, TrainConfig)
     from detr_explained.evaluate import coco_evaluator
@@ -191,7 +230,9 @@ def make_trainer(args, out: Path, progress: bool):
         cfg = model_config(family, preset, **{'num_classes': train_ds.num_classes, **m})
         _check_pretrained(cfg)
         ev = coco_evaluator(val_ds, device=tcfg.device) if val_ds is not None else None
-        return Trainer(tcfg, cfg, train_ds, out, ev, progress), 'new run'
+        overwrite = args.overwrite or args.resume == 'auto'      # --resume without a checkpoint: the run never saved one
+        return Trainer(tcfg, cfg, train_ds, out, ev, progress, overwrite=overwrite), 'new run'
+    if args.overwrite: raise TrainingError("--resume and --overwrite exclude each other: continue the run, or replace it")
     ckpt = load_training_checkpoint(path)
     if args.family and args.family != ckpt['family']:
         raise CheckpointError(f"{path}: a {ckpt['family']!r} checkpoint, but --family {args.family}")
@@ -208,12 +249,20 @@ def make_trainer(args, out: Path, progress: bool):
     return trainer, f'resumed from {path} at epoch {trainer.epoch + 1} step {trainer.step} (global step {trainer.global_step})'
 
 def _check_pretrained(cfg):
+    "A --pretrained-backbone file must exist and hold the weights of the configured ResNet (checked before training)."
+    from detr_explained.backbone import load_resnet_weights, resnet
+    from detr_explained.official import CheckpointError
     from detr_explained.train import TrainingError
     p = getattr(cfg, 'pretrained_backbone', None)
-    if p is not None and not Path(p).is_file():
+    if p is None: return
+    if not Path(p).is_file():
         raise TrainingError(f"--pretrained-backbone {p}: file not found. Nothing is downloaded: get torchvision's "
                             f"ImageNet weights for {cfg.backbone} (e.g. resnet50-0676ba61.pth) on a machine with internet and "
                             "pass the file's path, or leave the option out to train the backbone from scratch.")
+    try: load_resnet_weights(resnet(cfg.backbone), p)
+    except (CheckpointError, ValueError, RuntimeError, OSError, KeyError, AttributeError) as e:
+        raise TrainingError(f"--pretrained-backbone {p}: not the torchvision weights of a {cfg.backbone} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 # %% ../nbs/24_cli.ipynb #aa1e43ae
 def describe(trainer) -> str:
@@ -234,9 +283,20 @@ def report(summary: dict, trainer) -> str:
     if ev: lines.insert(0, 'val: ' + '  '.join(f"{k} {ev[k]:.3f}" for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl') if k in ev))
     return '\n'.join(lines)
 
+def _check_folder(out: Path, option: str='--out'):
+    "An output folder must be a folder (or not exist yet) where this process can write."
+    from detr_explained.train import TrainingError
+    if out.exists() and not out.is_dir(): raise TrainingError(f"{option} {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out): pass
+    except OSError as e:
+        raise TrainingError(f"{option} {out}: cannot write there ({_FS_ERRORS.get(e.errno, e.strerror or str(e)).lower()})") from None
+
 def cmd_train(args) -> int:
     family, preset = args.family or 'detr', args.preset or 'small'
     out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume not in (None, 'auto') else Path('runs')/f'{family}_{preset}')
+    _check_folder(out)
     trainer, how = make_trainer(args, out, progress=not args.quiet)
     print(f"{how}\n{describe(trainer)}", flush=True)
     print(report(trainer.fit(), trainer))
@@ -249,7 +309,10 @@ def evaluate_official(args) -> int:
     from detr_explained.core import atomic_write_json
     from detr_explained.data import CocoDetection, find_split, make_coco_transforms
     from detr_explained.evaluate import evaluate_dataset
-    model = hub.from_official_checkpoint(args.official, preset=args.preset)
+    try: model = hub.from_official_checkpoint(args.official, preset=args.preset, progress=not args.quiet)
+    except (ValueError, RuntimeError, OSError) as e:   # a download, a file that is not a checkpoint, a configuration that does not fit
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError): raise        # the disk: the main error path says it
+        raise official.CheckpointError(f"--official {args.official}: {e}") from None
     info = model.checkpoint_info
     ds = CocoDetection(*find_split(args.data, args.split), make_coco_transforms('val', 800))   # labels are COCO ids
     m = evaluate_dataset(model, official.official_postprocess(info.family, info.args), ds, batch_size=1,
@@ -278,6 +341,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from detr_explained.evaluate import predict_files
+    _check_folder(Path(args.out))
     records = predict_files(args.checkpoint, args.images, args.out, args.threshold, args.device, progress=not args.quiet)
     for r in records:
         if 'error' in r: print(f"detr-explained predict: error: {r['error']}", file=sys.stderr); continue
@@ -324,22 +388,58 @@ def cmd_demo(args) -> int:
 # %% ../nbs/24_cli.ipynb #0d79509b
 COMMANDS = {'demo': cmd_demo, 'make-synthetic': cmd_make_synthetic, 'train': cmd_train, 'evaluate': cmd_evaluate, 'predict': cmd_predict}
 
+def _device_problem(device: str) -> str|None:
+    "Why `device` cannot be used here, or None."
+    import torch
+    try: d = torch.device(device)
+    except (RuntimeError, ValueError): return f"--device {device!r}: not a device (expected cpu, cuda, cuda:N or mps)"
+    if d.type == 'cuda':
+        if not torch.cuda.is_available():
+            return f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+    elif d.type == 'mps':
+        if not torch.backends.mps.is_available(): return f"--device {device}: Apple's MPS is not available on this machine; use --device cpu"
+    elif d.type != 'cpu': return f"--device {device}: the library runs on cpu, cuda or mps"
+    return None
+
+_FS_ERRORS = {errno.ENOSPC: 'no space left on device', errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+              errno.EDQUOT: 'disk quota exceeded', errno.ENOTDIR: 'not a folder', errno.EISDIR: 'is a folder'}
+
+def user_error(e: BaseException) -> str|None:
+    "The one-line message for an exception of a kind a user causes; None for anything else (a bug: keep its traceback)."
+    from detr_explained.coco_subset import CocoSubsetError
+    from detr_explained.data import DatasetError
+    from detr_explained.family import ConfigError
+    from detr_explained.hub import DownloadError
+    from detr_explained.official import CheckpointError
+    from detr_explained.train import TrainingError
+    if isinstance(e, (DatasetError, TrainingError, CheckpointError, ConfigError, DownloadError, CocoSubsetError, FileNotFoundError)):
+        text = str(e)
+    elif isinstance(e, OSError) and e.errno in _FS_ERRORS: text = f"{e.filename or ''}: {_FS_ERRORS[e.errno]}".lstrip(': ')
+    else: return None
+    return ' '.join(line.strip() for line in text.splitlines() if line.strip())     # a multi-line report, joined
+
 def main(argv: list[str]|None=None) -> int:
     "The `detr-explained` console command; returns the exit code."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED: return DELEGATED[argv[0]][0](argv[1:])
+    if argv and argv[0] in DELEGATED:
+        from detr_explained.core import configure_threads; configure_threads()   # before torch starts (01_core)
+        return DELEGATED[argv[0]][0](argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try: args = parser.parse_args(argv)
+    except SystemExit as e: return e.code                                  # --help (0) or a usage error (2), already printed
     if args.command is None: parser.print_help(); return 0
+    from detr_explained.core import configure_threads
+    configure_threads()                  # before torch starts: OpenMP reads its wait policy once, when torch loads
     import torch
-    from detr_explained.data import DatasetError
-    from detr_explained.family import ConfigError
-    from detr_explained.official import CheckpointError
-    from detr_explained.train import TrainingError
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
+    if getattr(args, 'device', None) and (problem := _device_problem(args.device)):
+        print(f"detr-explained {args.command}: error: {problem}", file=sys.stderr); return 2
     try: return COMMANDS[args.command](args)
-    except (DatasetError, TrainingError, CheckpointError, ConfigError) as e:
-        print(f"detr-explained {args.command}: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is intact: run the same command with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as e:
+        if (message := user_error(e)) is None: raise
+        print(f"detr-explained {args.command}: error: {message}", file=sys.stderr); return 2
