@@ -26,10 +26,10 @@ __all__ = ['PRESETS', 'FAMILY', 'anchor_sine_embed', 'DABDeformableTransformerDe
 
 # %% ../nbs/17_dab_deformable_detr.ipynb #494b9bad
 def anchor_sine_embed(ref_input: Tensor, # (B, Q, L, 4) anchors on every level's padded map
-                      d_model: int, # D
-                     ) -> Tensor: # (B, Q, 2D)
-    "PE of the level-0 anchor, Cat(PE(y), PE(x), PE(w), PE(h)), D/2 channels each (official: 128 at D = 256)."
-    return gen_sineembed_for_position(ref_input[:, :, 0], d_model)           # (B, Q, 4) -> (B, Q, 2D)
+                      d_model: int, # C
+                     ) -> Tensor: # (B, Q, 2C)
+    "PE of the level-0 anchor, Cat(PE(y), PE(x), PE(w), PE(h)), C/2 channels each (official: 128 at C = 256)."
+    return gen_sineembed_for_position(ref_input[:, :, 0], d_model)           # (B, Q, 4) -> (B, Q, 2C)
 
 # %% ../nbs/17_dab_deformable_detr.ipynb #9330b837
 class DABDeformableTransformerDecoder(DeformableTransformerDecoder):
@@ -38,11 +38,11 @@ class DABDeformableTransformerDecoder(DeformableTransformerDecoder):
         super().__init__(decoder_layer, num_layers, return_intermediate)
         self.d_model = d_model
         self.query_scale = MLP(d_model, d_model, d_model, 2)               # MLP^csq: content -> scale of P (layers > 0)
-        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)        # PE(A) (2D) -> P (D)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)        # PE(A) (2C) -> P (C)
 
     def layer_query_pos(self, lid: int, output: Tensor, ref_input: Tensor, query_pos: Tensor|None=None) -> Tensor:
         "P = MLP(PE(A)) in layer 0, MLP_csq(C) * MLP(PE(A)) after; the given query_pos is not used (official: None)."
-        raw = self.ref_point_head(anchor_sine_embed(ref_input, self.d_model))   # (B, Q, 2D) -> (B, Q, D)
+        raw = self.ref_point_head(anchor_sine_embed(ref_input, self.d_model))   # (B, Q, 2C) -> (B, Q, C)
         return raw if lid == 0 else self.query_scale(output) * raw
 
     def next_reference(self, lid: int, output: Tensor, reference: Tensor) -> Tensor:
@@ -51,7 +51,7 @@ class DABDeformableTransformerDecoder(DeformableTransformerDecoder):
 
 # %% ../nbs/17_dab_deformable_detr.ipynb #7b62c1dd
 class DABDeformableTransformer(DeformableTransformer):
-    "Deformable DETR's transformer with DAB anchors: `query_embed` (Q, D+4) = content | anchor logits."
+    "Deformable DETR's transformer with DAB anchors: `query_embed` (Q, C+4) = content | anchor logits."
     def _make_decoder(self, layer: nn.Module, num_layers: int, return_intermediate: bool) -> nn.Module:
         return DABDeformableTransformerDecoder(layer, num_layers, return_intermediate, self.d_model)
 
@@ -59,12 +59,12 @@ class DABDeformableTransformer(DeformableTransformer):
 
 @patch
 def decoder_queries(self: DABDeformableTransformer,
-                    memory: Tensor, # (B, S, D)
+                    memory: Tensor, # (B, S, C)
                     mask_flatten: Tensor, spatial_shapes: Tensor, # (unused)
-                    query_embed: Tensor, # (Q, D + 4) content | anchor before the sigmoid
-                   ) -> tuple[Tensor, None, Tensor, None, None]: # tgt (B, Q, D), no query_pos, anchors (B, Q, 4)
-    B, D = memory.shape[0], self.d_model
-    tgt, anchors = query_embed[:, :D], query_embed[:, D:].sigmoid()                   # (Q, D), (Q, 4)
+                    query_embed: Tensor, # (Q, C + 4) content | anchor before the sigmoid
+                   ) -> tuple[Tensor, None, Tensor, None, None]: # tgt (B, Q, C), no query_pos, anchors (B, Q, 4)
+    B, C = memory.shape[0], self.d_model
+    tgt, anchors = query_embed[:, :C], query_embed[:, C:].sigmoid()                   # (Q, C), (Q, 4)
     return tgt[None].expand(B, -1, -1), None, anchors[None].expand(B, -1, -1), None, None
 
 # %% ../nbs/17_dab_deformable_detr.ipynb #ff7f9823
@@ -79,33 +79,33 @@ class DABDeformableDETR(DeformableDETRBoxRefine):
                  random_refpoints_xy: bool=False, # anchors' x, y uniform at initialisation (still trained, as official)
                  freeze_refpoints_xy: bool=False): # keep x, y fixed (not official)
         super().__init__(backbone, transformer, num_classes, num_queries, num_feature_levels, aux_loss)
-        D = transformer.d_model
-        self.tgt_embed = nn.Embedding(num_queries, D)
+        C = transformer.d_model
+        self.tgt_embed = nn.Embedding(num_queries, C)
         self.refpoint_embed = nn.Embedding(num_queries, 4)
         init_refpoints(self.refpoint_embed.weight, random_refpoints_xy)
-        self.patterns_embed = nn.Embedding(num_patterns, D) if num_patterns > 0 else None
+        self.patterns_embed = nn.Embedding(num_patterns, C) if num_patterns > 0 else None
         self.num_patterns = num_patterns
         self.random_refpoints_xy, self.freeze_refpoints_xy = random_refpoints_xy, freeze_refpoints_xy
 
-    def _make_query_embed(self, num_queries: int, D: int) -> None: return None   # tgt_embed + refpoint_embed instead
+    def _make_query_embed(self, num_queries: int, C: int) -> None: return None   # tgt_embed + refpoint_embed instead
 
 # %% ../nbs/17_dab_deformable_detr.ipynb #883b4758
 @patch
-def query_embeds(self: DABDeformableDETR) -> Tensor: # (P_at * Q or Q, D + 4) content | anchor logits
+def query_embeds(self: DABDeformableDETR) -> Tensor: # (Q', C + 4) content | anchor logits; Q' = max(1, patterns) x Q
     "Every decoder query: content (tgt_embed, plus its pattern) and its anchor, as the official `query_embeds`."
     anchors = refpoints_unsigmoid(self.refpoint_embed.weight, self.freeze_refpoints_xy)          # (Q, 4)
     patterns = None if self.patterns_embed is None else self.patterns_embed.weight
-    content, anchors = expand_queries(anchors, patterns, 1, self.tgt_embed.embedding_dim)  # (1, P_at*Q, D), (.., 4)
+    content, anchors = expand_queries(anchors, patterns, 1, self.tgt_embed.embedding_dim)  # (1, Q', C), (1, Q', 4)
     content = content[0] + self.tgt_embed.weight.repeat(max(self.num_patterns, 1), 1)           # + tgt_embed[k mod Q]
     return torch.cat([content, anchors[0]], 1)
 
 # %% ../nbs/17_dab_deformable_detr.ipynb #8adf5c5f
 @patch
 def predict(self: DABDeformableDETR,
-            hs: Tensor, # (n, B, Q, D) decoder outputs
+            hs: Tensor, # (N_dec, B, Q, C) decoder outputs
             init_reference: Tensor, # (B, Q, 4) anchors entering layer 0
-            inter_references: Tensor, # (n, B, Q, 4) anchors after each layer
-           ) -> tuple[Tensor, Tensor]: # logits (n, B, Q, K), boxes (n, B, Q, 4)
+            inter_references: Tensor, # (N_dec, B, Q, 4) anchors after each layer
+           ) -> tuple[Tensor, Tensor]: # logits (N_dec, B, Q, K), boxes (N_dec, B, Q, 4)
     anchors = [init_reference] + list(inter_references[:-1])                     # the anchor each layer used
     logits = torch.stack([self.class_embed[l](hs[l]) for l in range(len(hs))])
     boxes = torch.stack([update_anchors(anchors[l], self.bbox_embed[l](hs[l])) for l in range(len(hs))])
@@ -138,7 +138,7 @@ class DABDeformableDETRConfig:
     pretrained_backbone: str|None = None  # local torchvision ResNet weights file; nothing is downloaded
     num_feature_levels: int = 4           # L: layer2/3/4 + extra stride-2 convs; 1 = layer4 only
     # transformer
-    hidden_dim: int = 256                 # d_model, D: a multiple of 32 (GroupNorm(32, D)); official: 256 only
+    hidden_dim: int = 256                 # d_model, C: a multiple of 32 (GroupNorm(32, C)); official: 256 only
     nheads: int = 8                       # attention heads, M
     enc_layers: int = 6
     dec_layers: int = 6

@@ -38,7 +38,7 @@ def flatten_levels(srcs: list[Tensor], # L maps (B, C, H_l, W_l)
 
 # %% ../nbs/11_deformable_transformer.ipynb #6ee4cf6c
 def get_valid_ratio(mask: Tensor, # (B, H, W) bool, True on padding (bottom/right)
-                   ) -> Tensor: # (B, 2) (valid_W / W, valid_H / H)
+                   ) -> Tensor: # (B, 2): (r_x, r_y) = valid width / W, valid height / H
     _, H, W = mask.shape
     valid_H = torch.sum(~mask[:, :, 0], 1)                     # image rows: count along the first column
     valid_W = torch.sum(~mask[:, 0, :], 1)
@@ -157,11 +157,12 @@ class DeformableTransformerDecoder(nn.Module):
                 src: Tensor, src_spatial_shapes: Tensor, src_level_start_index: Tensor,
                 src_valid_ratios: Tensor, # (B, L, 2)
                 query_pos: Tensor|None=None, src_padding_mask: Tensor|None=None,
-               ) -> tuple[Tensor, Tensor]: # hs (n, B, Q, C), references after each layer (n, B, Q, 2|4)
+               ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q, C), references after each layer (N_dec, B, Q, 2 or 4)
         output, intermediate, references = tgt, [], []
         for lid, layer in enumerate(self.layers):
             ratios = src_valid_ratios if reference_points.shape[-1] == 2 else src_valid_ratios.repeat(1, 1, 2)
-            ref_input = reference_points[:, :, None] * ratios[:, None]    # (B, Q, 1, d) * (B, 1, L, d) -> (B, Q, L, d)
+            # (B, Q, 1, 2 or 4) * (B, 1, L, 2 or 4) -> (B, Q, L, 2 or 4): the reference on every level's padded map
+            ref_input = reference_points[:, :, None] * ratios[:, None]
             pos = self.layer_query_pos(lid, output, ref_input, query_pos)
             output = layer(output, pos, ref_input, src, src_spatial_shapes, src_level_start_index, src_padding_mask)
             if self.bbox_embed is not None: reference_points = self.next_reference(lid, output, reference_points)
@@ -200,7 +201,7 @@ def encoder_proposals(memory: Tensor, # (B, S, C) encoder output
 def proposal_pos_embed(proposals: Tensor, # (B, Q, 4) box logits (inverse-sigmoid space)
                        num_pos_feats: int=128, # channels per coordinate (official: 128 = d_model / 2 at d_model 256)
                        temperature: float=10000,
-                      ) -> Tensor: # (B, Q, 4 * num_pos_feats)
+                      ) -> Tensor: # (B, Q, 4F), F = num_pos_feats
     "Sine embedding of a box: sine_channels of each sigmoid coordinate * 2π, concatenated."
     pe = sine_channels(proposals.sigmoid() * 2 * math.pi, num_pos_feats, temperature)
     return pe.flatten(-2)                                                # (B, Q, 4, F) -> (B, Q, 4F)
@@ -259,7 +260,7 @@ def forward(self: DeformableTransformer,
                          pos_embeds: list[Tensor], # L encodings (B, C, H_l, W_l)
                          query_embed: Tensor|None=None, # (Q, 2C); None for two-stage
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor|None, Tensor|None]:
-    "hs (n, B, Q, C), init_reference (B, Q, 2|4), inter_references (n, B, Q, 2|4), enc class/coord logits or None"
+    "hs (N_dec, B, Q, C), init_reference (B, Q, 2 or 4), inter_references (N_dec, B, Q, 2 or 4), enc logits or None"
     src, mask, pos, spatial_shapes, level_start_index = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
     valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)                   # (B, L, 2)
     memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos, mask)
