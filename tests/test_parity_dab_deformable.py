@@ -286,3 +286,24 @@ def test_criterion_and_postprocess_follow_the_config():
     assert {'loss_ce_0', 'loss_ce_1', 'loss_ce_enc'} <= set(crit.weight_dict) and 'loss_ce_2' not in crit.weight_dict
     assert FAMILY.build_postprocess(cfg).num_select == 7
 
+
+
+def test_checkpoints_name_their_family(fx):
+    "A DAB-Deformable state_dict has Deformable DETR's and DAB-DETR's marks; the family with the most marks wins."
+    from detr_explained.family import family_of_args, family_of_state_dict
+    assert family_of_state_dict(fx['state_dict']) == NAME
+    assert family_of_args(fx['config']['args']) == NAME                     # the official `-m dab_deformable_detr`
+
+
+def test_official_r50_preset_keys():
+    "The README's R50 recipe: 4 levels (one extra stride-64 conv), 6 + 6 layers, 300 anchors, official key names."
+    cfg = FAMILY.config('dab_deformable_detr_r50')
+    assert (cfg.backbone, cfg.num_feature_levels, cfg.dec_layers, cfg.num_queries, cfg.epochs, cfg.lr_drop) == \
+        ('resnet50', 4, 6, 300, 50, 40)
+    model = build_model(cfg)
+    skip = ('backbone.', 'transformer.encoder.', 'transformer.decoder.layers.')
+    assert sorted(k for k in model.state_dict() if not k.startswith(skip)) == official_top_keys(6, 0, 4)
+    sd = model.state_dict()
+    assert sd['input_proj.3.0.weight'].shape == (256, 2048, 3, 3)   # the extra level: 3x3 stride-2 conv on layer4
+    assert sd['transformer.decoder.ref_point_head.layers.0.weight'].shape == (256, 512)
+    assert sd['transformer.encoder.layers.5.linear1.weight'].shape == (2048, 256)   # DAB-DETR's dim_feedforward
