@@ -86,12 +86,11 @@ def test_library_in_sync_marker():
 # --- one shape notation (the legend in nbs/00_index.ipynb) ------------------------------------------------------------
 NBS = PKG.parent/'nbs'
 _PAREN = re.compile(r'\(([^()]*)\)')
-_SPLIT = re.compile(r"\s*(?:[+\-*/×]|\bor\b|\bsum\b)\s*|\s+")
+_SPLIT = re.compile(r"\s*(?:[+\-*/×·]|\bor\b|\bsum\b)\s*|\s+")
 # Notebooks whose owners have not yet moved their shape comments to the legend; remove a name once it passes.
 SHAPES_TO_DO = {'04_backbone', '05_transformer', '07_matcher', '10_ms_deform_attn', '10a_ms_deform_attn_fast',
-                '11_deformable_transformer', '13_dab_diagnosis', '14_dab_anchors', '15_dab_transformer',
-                '17_dab_deformable_detr', '23_evaluate', '25_course_models', '40_explore_detr', '41_explore_deformable',
-                '42_explore_dab'}
+                '13_dab_diagnosis', '14_dab_anchors', '15_dab_transformer', '23_evaluate', '25_course_models',
+                '40_explore_detr', '41_explore_deformable', '42_explore_dab'}
 
 
 _LEVELS_ONLY = 'L is feature levels only (decoder layers: N_dec)'
@@ -118,8 +117,10 @@ def shape_problems(comment: str, symbols: set[str]) -> list[str]:
         if ',' not in m.group(1) or any(len(e.split()) > 3 or "'s" in e or any(ch in e for ch in '`=:') for e in els):
             continue                                                    # prose in parentheses, not a shape
         atoms = [a for e in els for a in _atoms(e)]
-        if not any(a in symbols for a in atoms): continue              # e.g. (DETR, DAB-DETR): no shape symbol at all
-        bad = sorted({a for a in atoms if a not in symbols and not a.isdigit() and a != '...'})
+        unknown = [a for a in atoms if a not in symbols and not a.isdigit() and a != '...']
+        if not any(a in symbols for a in atoms) or 2 * len(unknown) > len(atoms):
+            continue                      # not a shape: (DETR, DAB-DETR), (tgt, pos, k), (1, num_patterns)
+        bad = sorted(set(unknown))
         if bad: out.append(f'{m.group(0)} uses {", ".join(bad)}')
         elif re.match(r'\(L( or 1)?, [BQ]\b', m.group(0)):
             out.append(f'{m.group(0)}: {_LEVELS_ONLY}')
@@ -141,9 +142,12 @@ def test_shape_checker_catches_what_it_should():
     assert {'B', 'Q', 'C', 'L', 'S', 'D', 'N_dec', 'HW'} <= sym
     assert shape_problems('# (B, HW, C) -> (B, C, H, W)', sym) == []
     assert shape_problems("# (B, Q, K+1), (N_dec, B, Q', 4), (B, 2F, H, W), (..., 4)", sym) == []
-    assert shape_problems('# (B, Lq, M*L*P*2)', sym) == ['(B, Lq, M*L*P*2) uses Lq']
+    assert shape_problems('# (B, Lq, M*L*P*2), (B, P·Q, D)', sym) == ['(B, Lq, M*L*P*2) uses Lq']
+    assert shape_problems('# (size, D)', sym) == ['(size, D) uses size']
     assert shape_problems('# (L, B, Q, C) decoder states', sym) == [f'(L, B, Q, C): {_LEVELS_ONLY}']
     prose = "# (official `_get_clones`), (DETR, DAB-DETR), (cx, cy, w, h), (Deformable DETR's builder, x)"
+    prose += ", (tgt, pos, k)"
+    prose += ", (1, num_patterns), (stride 64, ...)"
     assert shape_problems(prose, sym) == []
 
 
