@@ -5,7 +5,7 @@ site built by `python docs/build.py` from a local http server, with every host n
 127.0.0.1 unresolvable, and checks that:
 - every page loads without a console error and requests nothing from outside the site;
 - every formula on every page is typeset by the site's own MathJax, without a MathJax error;
-- every figure of the executed notebooks is on its page and loaded;
+- every figure of the executed notebooks is on its page, loaded, and shown at its own aspect ratio (2 %);
 - the navigation (sidebar, and the "next" links from the home page on) reaches every notebook
   of nbs/, in course order.
 It saves screenshots of the home page and of one page per model family to
@@ -98,6 +98,9 @@ return {
   math_errors: main.querySelectorAll('mjx-merror, [data-mjx-error]').length,
   output_imgs: imgs.length,
   broken_imgs: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+  squeezed: imgs.filter(i => i.naturalWidth > 0 && i.clientHeight > 0).map(i =>
+      [i.src.split('/').pop(), i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])
+    .filter(([src, shape, shown]) => Math.abs(shown / shape - 1) > 0.02),
   all_imgs_ok: [...document.images].every(i => i.complete && (i.naturalWidth > 0 || i.src === '')),
   sidebar: [...document.querySelectorAll('.bd-sidebar-primary nav a.reference.internal')]
            .map(a => a.getAttribute('href')),
@@ -178,6 +181,8 @@ def test_every_page_loads_typesets_and_shows_its_figures(site, browser):
         if f['output_imgs'] != n_imgs:
             problems.append(f'{name}: {f["output_imgs"]} figures on the page, {n_imgs} in the notebook')
         if f['broken_imgs'] or not f['all_imgs_ok']: problems.append(f'{name}: images not loaded {f["broken_imgs"]}')
+        for src, shape, shown in f['squeezed']:
+            problems.append(f'{name}: figure {src} of aspect {shape:.2f} shown at {shown:.2f}')
         if not f['h1']: problems.append(f'{name}: no title')
     print('\n'.join(summary))
     assert not problems, '\n'.join(problems)
