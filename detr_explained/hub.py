@@ -316,12 +316,12 @@ def _configuration(state_dict, file_args, family, args, entry) -> tuple[str, dic
     if file_args is not None: base, said = file_args, family_of_args(file_args)
     elif entry is not None: base, said = dict(entry.args), entry.family
     elif args: base, said = {}, family_of_args(args)
-    else: raise ValueError('this checkpoint holds weights only (no "args"), and a weights-only file does not say how it was '
+    else: raise CheckpointError('this checkpoint holds weights only (no "args"), and a weights-only file does not say how it was '
                            f'configured. Pass preset= (one of {", ".join(OFFICIAL_CHECKPOINTS)}), or args= with the official '
                            f'flags it was trained with (its keys look like family {keys_family!r}).')
     args, family = {**base, **args}, family or said or keys_family
     if family not in family_names(): raise ValueError(f'family {family!r}: the course builds {family_names()}')
-    if family != keys_family: raise ValueError(f'the configuration says {family!r} but the weights are {keys_family!r}')
+    if family != keys_family: raise CheckpointError(f'the configuration says {family!r} but the weights are {keys_family!r}')
     return family, args
 
 # %% ../nbs/30_hub.ipynb #bfb08a84
