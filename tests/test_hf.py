@@ -171,14 +171,22 @@ def test_to_hf_round_trip(folders, case, tmp_path):
     assert config_from_hf(json.loads((out / 'config.json').read_text())) == (ours.hf_family, ours.config)
 
 
-def test_library_model_to_hf(tmp_path):
-    "A model the library built (not read from the Hub) goes to transformers with the same outputs."
-    fam = get_family('deformable_detr')
-    cfg = fam.config('tiny', backbone='resnet18', hidden_dim=64, nheads=2, variant='box_refine', num_classes=4)
+@pytest.mark.parametrize('family,changes', [('detr', {}), ('dab_detr', {}), ('deformable_detr', {'variant': 'plain'}),
+                                             ('deformable_detr', {'variant': 'box_refine'}),
+                                             ('deformable_detr', {'variant': 'two_stage'})])
+def test_library_model_to_hf(tmp_path, family, changes):
+    "A model the library built (every weight its own) goes to transformers with the same outputs."
+    fam = get_family(family)
+    width = 64 if family == 'deformable_detr' else 32
+    cfg = fam.config('tiny', backbone='resnet18', hidden_dim=width, nheads=2, num_classes=4, aux_loss=False, **changes)
     torch.manual_seed(0)
     model = fam.build_model(cfg).eval()
-    out = to_hf(model, tmp_path / 'lib', family='deformable_detr', cfg=cfg)
-    theirs = transformers.DeformableDetrForObjectDetection.from_pretrained(out).eval()
+    with torch.no_grad():
+        for p in model.parameters(): p.add_(torch.randn_like(p) * 0.05)
+    out = to_hf(model, tmp_path / 'lib', family=family, cfg=cfg)
+    cls = getattr(transformers, {'detr': 'DetrForObjectDetection', 'deformable_detr': 'DeformableDetrForObjectDetection',
+                                 'dab_detr': 'DabDetrForObjectDetection'}[family])
+    theirs = cls.from_pretrained(out).eval()
     x, mask = inputs()
     with torch.no_grad():
         mine = model(x, mask)
