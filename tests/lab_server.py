@@ -77,8 +77,10 @@ class Lab:
 
 
 @contextlib.contextmanager
-def jupyter_lab(root: Path=ROOT, timeout: float=180, env: dict|None=None):
-    "Start JupyterLab on 127.0.0.1 serving `root`; yields a `Lab`; stops the server (and its kernels) on exit."
+def jupyter_lab(root: Path=ROOT, timeout: float=180, env: dict|None=None, settings: dict|None=None):
+    """Start JupyterLab on 127.0.0.1 serving `root`; yields a `Lab`; stops the server (and its kernels) on exit.
+    `env` is added to the server's (and so the kernels') environment; `settings` ({plugin id: {key: value}}) to
+    `LAB_SETTINGS`, e.g. {'@jupyterlab/notebook-extension:tracker': {'windowingMode': 'none'}}."""
     if not (BIN/'jupyter-lab').exists():
         msg = f'{BIN}/jupyter-lab not found (pip install -e ".[dev]" installs JupyterLab)'
         if require_browser(): pytest.fail(msg)
@@ -90,9 +92,9 @@ def jupyter_lab(root: Path=ROOT, timeout: float=180, env: dict|None=None):
         dirs = {k: tmp/k.lower() for k in ('JUPYTER_CONFIG_DIR', 'JUPYTER_DATA_DIR', 'JUPYTER_RUNTIME_DIR',
                                           'JUPYTERLAB_SETTINGS_DIR', 'JUPYTERLAB_WORKSPACES_DIR', 'IPYTHONDIR')}
         for d in dirs.values(): d.mkdir()
-        for plugin, settings in LAB_SETTINGS.items():
+        for plugin, values in {**LAB_SETTINGS, **(settings or {})}.items():
             f = dirs['JUPYTERLAB_SETTINGS_DIR']/f'{plugin.replace(":", "/")}.jupyterlab-settings'
-            f.parent.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps(settings))
+            f.parent.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps(values))
         port, token = _free_port(), secrets.token_hex(16)
         full_env = {**os.environ, **{k: str(v) for k, v in dirs.items()},
                     'JUPYTER_PATH': str(tmp/'kernel'/'share'/'jupyter'), 'JUPYTER_PLATFORM_DIRS': '1', **(env or {})}
