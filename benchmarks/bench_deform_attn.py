@@ -174,8 +174,11 @@ def section(tables: dict[tuple, list[tuple]], repeats: int, command: str, load_b
              'the cleaner measure with one thread; with two threads on an overloaded machine it also counts OpenMP '
              'threads waiting for each other. With the default (spinning) OpenMP wait policy, two threads on an '
              'overloaded machine make every parallel op wait for a descheduled partner thread; the fast path has more, '
-             'smaller ops than the reference and suffers more from it. `OMP_WAIT_POLICY=PASSIVE` (what '
-             '`detr_explained.core.configure_threads` chooses when the user set nothing) removes that effect.', '']
+             'smaller ops than the reference and suffers more from it. `OMP_WAIT_POLICY=PASSIVE` removes that effect; '
+             'it is what the library chooses itself (`detr_explained.core.configure_threads`, when the library is '
+             'imported before torch, as by the `detr-explained` command; also the Makefile\'s and the course kernel\'s '
+             'default). The \'unset\' tables show libgomp\'s own default, which a program that imports torch first '
+             '(as this benchmark does) gets.', '']
     for (policy, threads), rows in tables.items():
         wait = os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: spin, then sleep)') if policy == 'env' else policy.upper()
         lines += [f'### {threads} thread(s), OMP_WAIT_POLICY {wait}', '',
@@ -184,8 +187,18 @@ def section(tables: dict[tuple, list[tuple]], repeats: int, command: str, load_b
                   '|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|']
         lines += [f'| {n} | {reg} | {s} | {q} | {k} | {rw*1e3:.0f} | {fw*1e3:.0f} | **{rw/fw:.2f}x** | {rc*1e3:.0f} '
                   f'| {fc*1e3:.0f} | {rc/fc:.2f}x |' for n, reg, s, q, k, rw, fw, _, rc, fc, _ in rows]
-        lines.append('')
+        lines += ['', summary(rows), '']
     return '\n'.join(lines)
+
+
+def summary(rows: list[tuple]) -> str:
+    "One line per table: the range of wall-clock speed-ups of the core and of the layers, per regime."
+    parts = []
+    for regime in ('encoder', 'decoder'):
+        for what in ('core', 'layer'):
+            sp = [r[7] for r in rows if r[1] == regime and r[0].startswith('core') == (what == 'core')]
+            if sp: parts.append(f'{regime}-like {what}: {min(sp):.2f}-{max(sp):.2f}x')
+    return 'Speed-up of the fast path (wall): ' + '; '.join(parts) + '.'
 
 
 def write_section(text: str, path: Path = RESULTS):
