@@ -38,8 +38,9 @@ def ms_deform_attn_core_reference(value: Tensor, # (B, S, M, D) projected values
 MSDA_IMPLS = ('fast', 'reference')
 
 def _exporting() -> bool:
-    "True while ONNX export, `torch.jit.trace` or `torch.compile` records the model: they get the reference."
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    "True while ONNX export, `torch.jit.trace`, `torch.export` or `torch.compile` records the model."
+    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 def ms_deform_attn_core(value: Tensor, # (B, S, M, D)
                         spatial_shapes: Tensor, # (L, 2) int64 (H_l, W_l)

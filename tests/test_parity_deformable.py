@@ -145,11 +145,11 @@ def test_nonfinite_locations_give_nan_like_the_reference():
     assert out[0, 1].isnan().any() and not out[0, 0].isnan().any()
 
 
-@pytest.mark.parametrize('recorder', ['onnx', 'jit', 'compile'])
+@pytest.mark.parametrize('recorder', ['onnx', 'jit', 'compile', 'export'])
 def test_export_tracing_and_compiling_use_the_reference(monkeypatch, recorder):
     "While ONNX export, torch.jit.trace or torch.compile records the model, the core is grid_sample, whatever impl."
     predicate = {'onnx': (torch.onnx, 'is_in_onnx_export'), 'jit': (torch.jit, 'is_tracing'),
-                 'compile': (torch.compiler, 'is_compiling')}[recorder]
+                 'compile': (torch.compiler, 'is_compiling'), 'export': (torch.compiler, 'is_exporting')}[recorder]
     monkeypatch.setattr(*predicate, lambda: True)
     def no_fast(*a, **k): raise AssertionError('the fast core ran while recording')
     monkeypatch.setattr(msda_module, 'ms_deform_attn_core_fast', no_fast)
