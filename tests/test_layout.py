@@ -25,6 +25,8 @@ FLOORS = [
     ['train', 'evaluate'],
     ['course', 'race'],
     ['hub', 'coco_subset'],
+    ['hf'],
+    ['export'],
     ['explore_base'],
     ['explore_detr', 'explore_deformable', 'explore_dab'],
     ['cli'],
