@@ -251,7 +251,6 @@ def make_trainer(args, out: Path, progress: bool):
 def _check_pretrained(cfg):
     "A --pretrained-backbone file must exist and hold the weights of the configured ResNet (checked before training)."
     from detr_explained.backbone import load_resnet_weights, resnet
-    from detr_explained.official import CheckpointError
     from detr_explained.train import TrainingError
     p = getattr(cfg, 'pretrained_backbone', None)
     if p is None: return
@@ -260,7 +259,7 @@ def _check_pretrained(cfg):
                             f"ImageNet weights for {cfg.backbone} (e.g. resnet50-0676ba61.pth) on a machine with internet and "
                             "pass the file's path, or leave the option out to train the backbone from scratch.")
     try: load_resnet_weights(resnet(cfg.backbone), p)
-    except (CheckpointError, ValueError, RuntimeError, OSError, KeyError, AttributeError) as e:
+    except Exception as e:                       # whatever reading someone's file raises: it is not the weights asked for
         raise TrainingError(f"--pretrained-backbone {p}: not the torchvision weights of a {cfg.backbone} "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
@@ -309,6 +308,8 @@ def evaluate_official(args) -> int:
     from detr_explained.core import atomic_write_json
     from detr_explained.data import CocoDetection, find_split, make_coco_transforms
     from detr_explained.evaluate import evaluate_dataset
+    if args.preset and args.preset not in hub.OFFICIAL_CHECKPOINTS:
+        raise official.CheckpointError(f"--preset {args.preset}: not a published checkpoint's name; one of {', '.join(hub.OFFICIAL_CHECKPOINTS)}")
     try: model = hub.from_official_checkpoint(args.official, preset=args.preset, progress=not args.quiet)
     except (ValueError, RuntimeError, OSError) as e:   # a download, a file that is not a checkpoint, a configuration that does not fit
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError): raise        # the disk: the main error path says it
@@ -324,7 +325,12 @@ def evaluate_official(args) -> int:
     return 0
 
 def cmd_evaluate(args) -> int:
+    from detr_explained.train import TrainingError
+    if args.out and Path(args.out).is_dir(): raise TrainingError(f"--out {args.out}: is a folder; --out names the metrics JSON file to write")
+    if args.out: _check_folder(Path(args.out).parent, '--out')
     if args.official: return evaluate_official(args)
+    if args.preset: raise TrainingError(f"--preset {args.preset}: only for an --official file without args; a checkpoint of "
+                                        "`train` carries its own configuration")
     from detr_explained.train import load_training_checkpoint
     from detr_explained.data import CocoDetection, find_split, make_coco_transforms
     from detr_explained.evaluate import evaluate_checkpoint
@@ -357,6 +363,7 @@ def cmd_demo(args) -> int:
     from detr_explained.train import Trainer, train_config, model_config, datasets_from_folder, trainer_from_checkpoint
     from detr_explained.evaluate import coco_evaluator, evaluate_dataset, prediction_grid, _save_fig
     t0, out = time.time(), Path(args.out)
+    _check_folder(out)
     family = args.family or DEMO_FAMILY
     print(f"[1/4] synthetic shapes dataset in {out/'data'}", flush=True)
     data = make_synthetic(out/'data', **{**DEMO_DATA, 'n_train': args.images, 'n_val': args.val_images})

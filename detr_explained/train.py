@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_train.ipynb #8e1340c5
 from __future__ import annotations
-import contextlib, errno, hashlib, io, json, math, os, random, signal, socket, threading, time
+import contextlib, errno, hashlib, io, json, math, os, random, shutil, signal, socket, threading, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -378,10 +378,24 @@ def _writing(self: Trainer, what: str):
                                 "Fix it and run the same command with --resume") from None
     return guard()
 
+def _nbytes(obj) -> int:
+    "Bytes of the tensors in a nested dict/list."
+    if isinstance(obj, Tensor): return obj.numel() * obj.element_size()
+    if isinstance(obj, dict): return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)): return sum(_nbytes(v) for v in obj)
+    return 0
+
 @patch
 def save(self: Trainer) -> Path:
     state = self.state()
-    with self._writing(self.checkpoint_path), _interrupts_held(): atomic_save(state, self.checkpoint_path)
+    try:
+        with self._writing(self.checkpoint_path), _interrupts_held(): atomic_save(state, self.checkpoint_path)
+    except RuntimeError:           # torch's zip writer reports a full disk as "[enforce fail ...] unexpected pos ..."
+        free, need = shutil.disk_usage(self.out).free, _nbytes(state)
+        if free > need + 2**20: raise
+        raise TrainingError(f"cannot write {self.checkpoint_path}: no space left on device (it needs {need / 2**20:.1f} MiB, "
+                            f"{free / 2**20:.1f} MiB are free); {self._kept()}, nothing half-written was left behind. "
+                            "Free some space and run the same command with --resume") from None
     self.saved_step, self.saved_eval = self.global_step, self.last_eval
     return self.checkpoint_path
 
