@@ -206,21 +206,39 @@ def test_pytorch_model_bin(folders, tmp_path):
     assert torch.equal(a['pred_logits'], b['pred_logits'])
 
 
-def test_repo_id_through_the_hub_cache(folders, tmp_path, monkeypatch):
-    "A repo id resolves through huggingface_hub's cache (laid out here as the Hub client lays it), offline."
+def hub_cache(folder, tmp_path, monkeypatch, repo_id='someone/dab-tiny'):
+    "huggingface_hub's cache laid out as its client lays it (refs/main -> snapshots/<sha>/...), used offline."
     hub = pytest.importorskip('huggingface_hub')
-    model, folder = folders['dab']
     sha = '0123456789abcdef0123456789abcdef01234567'
-    repo = tmp_path / 'models--someone--dab-tiny'
+    repo = tmp_path / ('models--' + repo_id.replace('/', '--'))
     snap = repo / 'snapshots' / sha
     snap.mkdir(parents=True)
     for f in ('config.json', 'model.safetensors'): shutil.copy(folder / f, snap / f)
     (repo / 'refs').mkdir(); (repo / 'refs' / 'main').write_text(sha)
     monkeypatch.setattr(hub.constants, 'HF_HUB_CACHE', str(tmp_path))
     monkeypatch.setattr(hub.constants, 'HF_HUB_OFFLINE', True)
+    return snap
+
+
+def test_repo_id_through_the_hub_cache(folders, tmp_path, monkeypatch):
+    "A repo id resolves through huggingface_hub's cache, offline: nothing is downloaded."
+    model, folder = folders['dab']
+    hub_cache(folder, tmp_path, monkeypatch)
     ours = from_hf('someone/dab-tiny')
     x, mask = inputs()
     with torch.no_grad(): compare(ours(x, mask), hf_outputs(model, x, mask), 'repo id')
+
+
+def test_fetch_hf_command(folders, tmp_path, monkeypatch, capsys):
+    from detr_explained.hf import main_fetch_hf
+    snap = hub_cache(folders['dab'][1], tmp_path, monkeypatch)
+    assert main_fetch_hf(['hf:someone/dab-tiny']) == 0
+    assert capsys.readouterr().out.startswith(f'hf:someone/dab-tiny: {snap} (DAB-DETR, ')
+    assert main_fetch_hf(['hf:someone/not-cached']) == 2
+    assert main_fetch_hf(['someone/dab-tiny']) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("detr-explained fetch: error: could not fetch 'someone/not-cached' from the Hub")
+    assert err[1] == "detr-explained fetch: error: 'someone/dab-tiny': expected hf:<owner>/<name>"
 
 
 def test_clear_errors(tmp_path, folders):
