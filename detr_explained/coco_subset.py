@@ -15,9 +15,9 @@ from .core import atomic_write_json
 from .hub import DownloadError, cache_dir, download
 
 # %% auto #0
-__all__ = ['COCO_ANNOTATIONS_URL', 'COCO_IMAGES_URL', 'SPLITS', 'CocoSubsetError', 'fetch_annotations', 'read_instances',
-           'category_ids', 'choose_images', 'subset_annotations', 'check_image', 'fetch_images', 'make_coco_subset',
-           'add_coco_subset_args', 'run_coco_subset', 'main_coco_subset']
+__all__ = ['COCO_ANNOTATIONS_URL', 'COCO_IMAGES_URL', 'SPLITS', 'CocoSubsetError', 'CocoSubsetIncomplete', 'fetch_annotations',
+           'read_instances', 'category_ids', 'choose_images', 'subset_annotations', 'check_image', 'fetch_images',
+           'make_coco_subset', 'add_coco_subset_args', 'run_coco_subset', 'main_coco_subset']
 
 # %% ../nbs/31_coco_subset.ipynb #0eab135d
 COCO_ANNOTATIONS_URL = 'http://images.cocodataset.org/annotations/annotations_trainval2017.zip'
@@ -25,7 +25,10 @@ COCO_IMAGES_URL = 'http://images.cocodataset.org'
 SPLITS = ('train2017', 'val2017')
 
 class CocoSubsetError(RuntimeError):
-    "A COCO subset that could not be completed."
+    "A COCO subset that could not be made: a bad input, or (`CocoSubsetIncomplete`) images that failed to download."
+
+class CocoSubsetIncomplete(CocoSubsetError):
+    "Some images failed; what arrived is kept, and the same call resumes."
 
 def _check_archive(path:Path):
     with zipfile.ZipFile(path) as z:  # raises BadZipFile if it is not a zip
@@ -44,7 +47,9 @@ def read_instances(source:Path|str, # the annotation archive (zip) or an instanc
                    split:str='val2017') -> dict:
     "The COCO instances dict of `split`, read from the archive's `annotations/instances_<split>.json` or a JSON file."
     source = Path(source)
-    if not zipfile.is_zipfile(source): return json.loads(source.read_text())
+    if not zipfile.is_zipfile(source):
+        try: return json.loads(source.read_text())
+        except (UnicodeDecodeError, ValueError) as e: raise CocoSubsetError(f'{source}: neither the annotation archive (zip) nor an instances JSON ({e})') from None
     member = f'annotations/instances_{split}.json'
     with zipfile.ZipFile(source) as z:
         if member not in z.namelist(): raise CocoSubsetError(f'{source} has no {member}; it has {[n for n in z.namelist() if n.endswith(".json")]}')
@@ -163,43 +168,61 @@ def make_coco_subset(out:Path|str, # output root: out/annotations/instances_<spl
                                      workers, retries, timeout, progress)
     if failures:
         listed = '\n'.join(f'  {k}: {v}' for k, v in list(failures.items())[:10])
-        raise CocoSubsetError(f'{len(failures)} of {n} images failed ({fetched} fetched now); run the same command again '
+        raise CocoSubsetIncomplete(f'{len(failures)} of {n} images failed ({fetched} fetched now); run the same command again '
                               f'to resume. Failures:\n{listed}')
     path = atomic_write_json(out/'annotations'/f'instances_{split}.json', subset, indent=None)
     (out/f'.coco-subset-{split}.json').unlink(missing_ok=True)
     return path
 
 # %% ../nbs/31_coco_subset.ipynb #f83a186f
+class _OneLineParser(argparse.ArgumentParser):
+    "Usage errors in one line (exit status 2), without the usage."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try: v = int(text)
+        except ValueError: v = low - 1
+        if v < low: raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+        return v
+    parse.__name__ = f'an integer >= {low}'
+    return parse
+
 def add_coco_subset_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Arguments of `detr-explained coco-subset`."
     parser.add_argument('--split', default='val2017', choices=SPLITS)
-    parser.add_argument('-n', '--num-images', type=int, default=100, help='number of images (default 100)')
+    parser.add_argument('-n', '--num-images', type=_at_least(1), default=100, help='number of images (default 100)')
     parser.add_argument('--categories', default='', help='comma-separated names or ids: only images showing one of them')
-    parser.add_argument('--seed', type=int, default=0, help='which images (the same seed gives nested subsets)')
+    parser.add_argument('--seed', type=_at_least(0), default=0, help='which images (the same seed gives nested subsets)')
     parser.add_argument('--out', default='data/coco', help='output root (default data/coco)')
     parser.add_argument('--annotations', help='a local annotations_trainval2017.zip or instances JSON (skips the download)')
     parser.add_argument('--annotations-url', default=COCO_ANNOTATIONS_URL)
     parser.add_argument('--images-url', default=COCO_IMAGES_URL, help='base URL; images are <base>/<split>/<file_name>')
     parser.add_argument('--cache-dir', help='cache root for the archive (default $DETR_EXPLAINED_CACHE or ~/.cache/detr_explained)')
-    parser.add_argument('--workers', type=int, default=8, help='parallel image downloads')
-    parser.add_argument('--retries', type=int, default=3)
+    parser.add_argument('--workers', type=_at_least(1), default=8, help='parallel image downloads')
+    parser.add_argument('--retries', type=_at_least(0), default=3)
     parser.add_argument('--no-progress', action='store_true')
     return parser
 
 def run_coco_subset(ns:argparse.Namespace) -> int:
-    "Run `detr-explained coco-subset` with parsed arguments; returns the exit status."
+    "Run `detr-explained coco-subset` with parsed arguments: 0 done, 1 some downloads failed (run again), 2 a bad input."
     categories = [c for c in ns.categories.split(',') if c.strip()]
     try:
+        if ns.annotations and not Path(ns.annotations).is_file(): raise CocoSubsetError(f'--annotations {ns.annotations}: file not found')
         path = make_coco_subset(ns.out, ns.split, ns.num_images, categories, ns.seed, ns.annotations, ns.annotations_url,
                                 ns.images_url, ns.cache_dir, ns.workers, ns.retries, progress=not ns.no_progress)
-    except (CocoSubsetError, DownloadError, OSError, zipfile.BadZipFile) as e:
+    except (CocoSubsetIncomplete, DownloadError) as e:                # the network's fault: the same command resumes
         print(f'coco-subset: {e}', file=sys.stderr); return 1
+    except (CocoSubsetError, OSError, zipfile.BadZipFile, ValueError) as e:
+        print(f'coco-subset: error: {" ".join(str(e).split())}', file=sys.stderr); return 2
     d = json.loads(path.read_text())
     print(f"{path}: {len(d['images'])} images, {len(d['annotations'])} annotations, "
           f"{len({a['category_id'] for a in d['annotations']})} categories present; images in {Path(ns.out)/ns.split}")
     return 0
 
 def main_coco_subset(argv:list[str]|None=None) -> int:
-    "`detr-explained coco-subset ...` as a function."
-    parser = argparse.ArgumentParser(prog='detr-explained coco-subset', description='Build a COCO subset from the official sources.')
-    return run_coco_subset(add_coco_subset_args(parser).parse_args(argv))
+    "`detr-explained coco-subset ...` as a function; returns the exit status (usage errors: 2, in one line)."
+    parser = _OneLineParser(prog='detr-explained coco-subset', description='Build a COCO subset from the official sources.')
+    try: ns = add_coco_subset_args(parser).parse_args(argv)
+    except SystemExit as e: return e.code
+    return run_coco_subset(ns)

@@ -169,7 +169,24 @@ def test_command(root, sample, tmp_path, capsys):
                 '--annotations-url', srv.url + ARCHIVE, '--images-url', srv.url, '--cache-dir', str(tmp_path/'c'), '--no-progress']
         assert main_coco_subset(argv) == 0
         assert '3 images' in capsys.readouterr().out
-        assert main_coco_subset(argv[:5] + ['unicorn'] + argv[6:]) == 1
+        assert main_coco_subset(argv[:5] + ['unicorn'] + argv[6:]) == 2            # a bad input: exit status 2
         assert 'unknown category' in capsys.readouterr().err
     d = json.loads((tmp_path/'coco'/'annotations'/'instances_val2017.json').read_text())
     assert [im['id'] for im in d['images']] == choose_images(sample['val2017'], 3, categories=['person'], seed=2)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['-n', '0'], "argument -n/--num-images: '0' is not an integer >= 1"), (['-n', 'many'], "'many' is not an integer >= 1"),
+    (['--seed', '-1'], "argument --seed: '-1' is not an integer >= 0"), (['--workers', '0'], "'0' is not an integer >= 1"),
+    (['--retries', '-2'], "'-2' is not an integer >= 0"), (['--split', 'test2017'], "invalid choice: 'test2017'"),
+    (['--annotations', '{tmp}/missing.json'], 'missing.json: file not found'),
+    (['--annotations', '{tmp}/bad.json'], 'neither the annotation archive (zip) nor an instances JSON'),
+    (['--annotations', '{tmp}/val.json', '-n', '100000'], 'asked for 100000 images but only'),
+    (['--annotations', '{tmp}/val.json', '--categories', 'unicorn'], "unknown category 'unicorn'")])
+def test_command_bad_inputs_are_one_line_exit_2(tmp_path, capsys, sample, argv, message):
+    (tmp_path/'bad.json').write_text('{"images": ['); (tmp_path/'val.json').write_text(json.dumps(sample['val2017']))
+    argv = [a.format(tmp=tmp_path) for a in argv] + ['--out', str(tmp_path/'out'), '--no-progress']
+    assert main_coco_subset(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert not (tmp_path/'out'/'annotations').exists()
