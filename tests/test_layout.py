@@ -25,6 +25,7 @@ FLOORS = [
     ['train', 'evaluate'],
     ['course', 'race'],
     ['hub', 'coco_subset'],
+    ['finetune', 'distributed'],
     ['hf'],
     ['export'],
     ['explore_base'],
