@@ -20,7 +20,7 @@ from .core import atomic_write_bytes, atomic_write_json
 from .box_ops import box_xyxy_to_cxcywh
 from .data import (CocoDetection, DatasetError, _coco_index, _number_annotations, coco_target, collate_fn, draw_boxes, load_rgb,
                                  make_coco_transforms, make_loader)
-from .train import model_from_checkpoint
+from .train import TrainingError, _forward, model_from_checkpoint
 
 # %% auto #0
 __all__ = ['STAT_NAMES', 'predict', 'to_coco_results', 'coco_evaluate', 'per_class_ap', 'evaluate_dataset', 'coco_evaluator',
@@ -35,7 +35,7 @@ def predict(model: nn.Module, postprocess: nn.Module, tensors: Tensor, mask: Ten
             orig_sizes: Tensor, # (B, 2) (h, w) of the images as read from disk
            ) -> list[dict]: # per image {'scores' (N,), 'labels' (N,), 'boxes' (N, 4) absolute xyxy}
     "Run the model and its post-processor on a padded batch."
-    return postprocess(model(tensors, mask), orig_sizes)
+    return postprocess(_forward(model, tensors, mask), orig_sizes)   # images too small for the model: a TrainingError
 
 def to_coco_results(results: list[dict], image_ids: Sequence[int], label_to_cat: dict[int, int]) -> list[dict]:
     "Post-processed detections -> COCO result records; labels without a category (e.g. COCO's unused ids) are skipped."
@@ -157,9 +157,10 @@ def predict_files(checkpoint: Path|str, files: Sequence[Path|str], out_dir: Path
     label_to_cat = {int(k): v for k, v in ckpt['classes']['label_to_cat'].items()}
     out_dir, records, files = Path(out_dir), [], [Path(f) for f in files]
     for f, drawing in tqdm(list(zip(files, drawing_names(files))), desc='predict', disable=not progress, leave=False):
-        try: image = load_rgb(f)
-        except DatasetError as e: records.append({'file': str(f), 'error': str(e), 'detections': []}); continue
-        det = predict_image(model, postprocess, image, ckpt['train_config']['image_size'], device)
+        try:
+            image = load_rgb(f)
+            det = predict_image(model, postprocess, image, ckpt['train_config']['image_size'], device)
+        except (DatasetError, TrainingError) as e: records.append({'file': str(f), 'error': f'{f}: {e}' if str(f) not in str(e) else str(e), 'detections': []}); continue
         keep = det['scores'] >= threshold
         records.append({'file': str(f), 'drawing': drawing, 'width': image.width, 'height': image.height, 'detections': [
             {'label': names.get(l, str(l)), 'category_id': label_to_cat.get(l), 'score': round(s, 4), 'box_xyxy': [round(v, 2) for v in b]}

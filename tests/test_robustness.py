@@ -293,3 +293,13 @@ def test_predict_same_stem_in_two_folders_and_an_unreadable_file(tmp_path, check
     assert drawn == ['Photo-3.png', 'detections.json', 'photo-2.png', 'photo.png']
     assert json.loads((tmp_path/'out'/'detections.json').read_text()) == records
     assert all(len(r['detections']) > 0 for r in records if 'error' not in r)
+
+
+def test_images_too_small_for_the_model_are_one_line(tmp_path, capsys):
+    "Deformable DETR's coarsest level (stride 64) of a 64-pixel image is one pixel: its GroupNorm cannot work on it."
+    from detr_explained.cli import main
+    data = make_synthetic(tmp_path/'syn', n_train=2, n_val=1, size=64)
+    code = main([str(a) for a in ['train', '--data', data, '--family', 'deformable_detr', '--preset', 'tiny', '--batch-size', 1,
+                                  '--max-steps', 1, '--out', tmp_path/'run', '--quiet']])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and 'too small for the model' in err and '--image-size' in err and len(err.splitlines()) == 1, err
