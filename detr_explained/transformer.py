@@ -135,7 +135,7 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)  # (Q, B, C)
             if self.return_intermediate: states.append(norm(tgt))
-        return torch.stack(states) if self.return_intermediate else norm(tgt)[None]  # (L or 1, Q, B, C)
+        return torch.stack(states) if self.return_intermediate else norm(tgt)[None]  # (N_dec or 1, Q, B, C)
 
 # %% ../nbs/05_transformer.ipynb #77dbb04d
 class Transformer(nn.Module):
@@ -157,7 +157,7 @@ class Transformer(nn.Module):
                 mask: Tensor|None, # (B, H, W) bool, True = padding; None = no padding
                 query_embed: Tensor, # (Q, C) object queries
                 pos_embed: Tensor, # (B, C, H, W) positional encoding
-               ) -> tuple[Tensor, Tensor]: # hs (L, B, Q, C), memory (B, C, H, W)
+               ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q, C), memory (B, C, H, W)
         B, C, H, W = src.shape
         src = src.flatten(2).permute(2, 0, 1)                   # (B, C, H, W) -> (HW, B, C)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)       # (B, C, H, W) -> (HW, B, C)
@@ -165,5 +165,5 @@ class Transformer(nn.Module):
         if mask is not None: mask = mask.flatten(1)             # (B, H, W) -> (B, HW)
         tgt = torch.zeros_like(query_pos)                       # (Q, B, C), t_0 = 0
         memory = self.encoder(src, mask, pos_embed)             # (HW, B, C)
-        hs = self.decoder(tgt, memory, mask, pos_embed, query_pos)   # (L, Q, B, C)
-        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(B, C, H, W)  # (L, B, Q, C), (HW, B, C) -> (B, C, H, W)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_pos)   # (N_dec, Q, B, C)
+        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(B, C, H, W)  # (N_dec, B, Q, C), (HW, B, C) -> (B, C, H, W)
