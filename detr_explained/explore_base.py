@@ -196,7 +196,7 @@ def argmax2d(a: Tensor) -> tuple[int, int]:
     return i // a.shape[1], i % a.shape[1]
 
 # %% ../nbs/39_explore_base.ipynb #c1a2d5d8
-FIG_WIDTH = 8.8       # inches: 880 px at 100 dpi, a JupyterLab notebook column beside the file browser
+FIG_WIDTH = 8.0       # inches: 800 px at 100 dpi, a JupyterLab notebook column beside the file browser
 FIG_DPI = 100
 
 def panel_rows(fig: Figure, aspect: float, # image height / width
@@ -301,6 +301,7 @@ def new_figure() -> Figure:
         import matplotlib.pyplot as plt
         with plt.ioff(): fig = plt.figure(dpi=FIG_DPI)
         fig.canvas.header_visible = False
+        fig.canvas.toolbar_position = 'bottom'           # not over the sentence that names the weights
         return fig
     return Figure(dpi=FIG_DPI)
 

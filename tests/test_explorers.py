@@ -267,7 +267,7 @@ def test_figures_fit_a_column_keep_the_image_shape_and_say_random_weights(models
     aspect = image.rgb.shape[0] / image.rgb.shape[1]
     for family, ex in _explorers(models, image).items():
         W, H = ex.fig.get_size_inches()
-        assert W * FIG_DPI == pytest.approx(880) and W == FIG_WIDTH, family
+        assert W * FIG_DPI == pytest.approx(800) and W == FIG_WIDTH, family
         panels = [ax for ax in ex.fig.axes if ax.images and ax.get_visible()]
         assert len(panels) >= 4, family
         for ax in panels:                                             # no squeezing: each panel has the image's shape
@@ -299,7 +299,7 @@ def test_the_picture_is_a_png_that_follows_the_controls(models, image):
     assert {'image/png', 'application/vnd.jupyter.widget-view+json'} <= set(bundle)
     first = ex.view.value
     w, h = Image.open(io.BytesIO(first)).size
-    assert w == 880 and abs(h - ex.fig.get_size_inches()[1] * FIG_DPI) <= 1     # the figure's own size, uncropped
+    assert w == 800 and abs(h - ex.fig.get_size_inches()[1] * FIG_DPI) <= 1     # the figure's own size, uncropped
     ex.controls['row'].value = 0
     assert ex.view.value != first
     opts = ex.controls['query'].options                                # no option wider than its dropdown

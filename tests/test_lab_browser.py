@@ -5,7 +5,7 @@ For each explorer notebook (40, 41, 42): open it in JupyterLab (tests/lab_server
 from the Run menu, and check that
 - every cell ran, and no cell printed an error or a traceback;
 - the explorer's output is a live widget holding a rendered picture (an <img> that has loaded),
-  880 px wide and no wider than the notebook column; no output anywhere shows `<Figure size`;
+  800 px wide, shown at that size, within the notebook column; no output anywhere shows `<Figure size`;
 - no control's description and no dropdown option is cut off;
 - dragging a slider and picking a dropdown value in the browser changes the picture;
 - the browser console has no error.
@@ -16,12 +16,11 @@ The notebooks run with the default inline backend; tests/test_explorers.py check
 canvas (clicks) without a browser. Without chromium or JupyterLab the test skips, except under CI
 (`CI=true`) or `DETR_EXPLAINED_REQUIRE_BROWSER=1`, where it fails.
 """
-import re, time
+import re, sys, time
 from pathlib import Path
 
 import pytest
 
-import lab_server
 from lab_server import chromium_driver, jupyter_lab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +30,12 @@ RUN_TIMEOUT = 600          # seconds for one notebook's cells (a busy 2-core mac
 PANEL = '.jp-NotebookPanel:not(.lm-mod-hidden)'   # the notebook in front
 
 
+ALL_CELLS = {'@jupyterlab/notebook-extension:tracker': {'windowingMode': 'none'}}   # no virtual scrolling: every
+                                                                                   # output is in the page
+
 @pytest.fixture(scope='module')
 def lab():
-    # every cell in the page (no virtual scrolling), so outputs below the fold can be read
-    settings = {**lab_server.LAB_SETTINGS, '@jupyterlab/notebook-extension:tracker': {'windowingMode': 'none'}}
-    old, lab_server.LAB_SETTINGS = lab_server.LAB_SETTINGS, settings
-    try:
-        with jupyter_lab(ROOT, env={'OMP_NUM_THREADS': '1'}) as server: yield server
-    finally: lab_server.LAB_SETTINGS = old
+    with jupyter_lab(ROOT, env={'OMP_NUM_THREADS': '1'}, settings=ALL_CELLS) as server: yield server
 
 @pytest.fixture(scope='module')
 def browser(tmp_path_factory):
@@ -64,13 +61,29 @@ const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidde
 return cells.map(c => (c.querySelector('.jp-InputPrompt') || {}).textContent || '');
 """
 
+def _kernel_idle(lab, path: str, timeout: float=180):
+    "Wait until the notebook's kernel session exists and is idle (the server's own view)."
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        states = [s['kernel']['execution_state'] for s in lab.api('sessions') if s['path'].endswith(path)]
+        if states == ['idle']: return
+        time.sleep(0.5)
+    raise AssertionError(f'{path}: no idle kernel within {timeout} s')
+
 def _run_all(drv):
-    "Run all cells through the Run menu, as a person would."
+    "Run all cells through the Run menu, as a person would; again if the click was lost (a page still settling)."
     from selenium.webdriver.common.by import By
-    menu = next(m for m in drv.find_elements(By.CSS_SELECTOR, '.lm-MenuBar-item') if m.text.strip() == 'Run')
-    menu.click()
-    _wait(drv, "return document.querySelector('.lm-Menu [data-command=\"runmenu:run-all\"]')", 30, 'the Run menu')
-    drv.find_element(By.CSS_SELECTOR, '.lm-Menu [data-command="runmenu:run-all"]').click()
+    started = f"return (() => {{ {_CELLS} }})().some(t => /\\[(\\*|\\d+)\\]/.test(t))"
+    for _ in range(3):
+        menu = next(m for m in drv.find_elements(By.CSS_SELECTOR, '.lm-MenuBar-item') if m.text.strip() == 'Run')
+        menu.click()
+        _wait(drv, "return document.querySelector('.lm-Menu [data-command=\"runmenu:run-all\"]')", 30, 'the Run menu')
+        drv.find_element(By.CSS_SELECTOR, '.lm-Menu [data-command="runmenu:run-all"]').click()
+        t0 = time.time()
+        while time.time() - t0 < 30:
+            if drv.execute_script(started): return
+            time.sleep(0.5)
+    raise AssertionError('Run > Run All Cells started no cell')
 
 _EXPLORER = """
 // the explorer outputs: widget views holding an <img> (the inline picture)
@@ -108,8 +121,20 @@ def _wait_new_picture(drv, out, old: str, what: str):
           120, f'{what}: the picture did not change', out, old)
 
 
+def _shot_on_failure(drv, name: str, check, *args):
+    "Run `check(*args)`; if it fails, keep a screenshot of the window (docs/_build/screenshots/lab_failed_<name>.png)."
+    try: check(*args)
+    except Exception:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        drv.save_screenshot(str(SHOTS/f'lab_failed_{name}.png'))
+        raise
+
+
 @pytest.mark.parametrize('name', EXPLORERS)
 def test_explorer_in_jupyterlab(lab, browser, name):
+    _shot_on_failure(browser, name, _explorer_in_jupyterlab, lab, browser, name)
+
+def _explorer_in_jupyterlab(lab, browser, name):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -118,18 +143,17 @@ def test_explorer_in_jupyterlab(lab, browser, name):
     _wait(drv, "return document.querySelector('.jp-NotebookPanel .jp-Notebook .jp-CodeCell')", 180,
           'the notebook did not open')
     assert not drv.find_elements(By.CSS_SELECTOR, '.jp-Dialog'), 'a dialog (kernel selection?) covers the notebook'
-    _wait(drv, "return document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) [data-status=\"idle\"]')", 180,
-          'the kernel did not start')
+    _kernel_idle(lab, f'{name}.ipynb')
     _run_all(drv)
     t0 = time.time()
-    prompts = _wait(drv, f"const p = (() => {{ {_CELLS} }})(); "
-                         "return p.length && p.every(t => /\\[\\d+\\]/.test(t)) ? p : null",
-                    RUN_TIMEOUT, f'{name}: not every cell ran')
+    stderr = f'{PANEL} .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+    prompts = _wait(drv, f"const p = (() => {{ {_CELLS} }})(); "               # done, or stopped by an error
+                         "return (p.length && p.every(t => /\\[\\d+\\]/.test(t))) || "
+                         f"document.querySelector('{stderr}') ? p : null", RUN_TIMEOUT, f'{name}: not every cell ran')
     print(f'{name}: {len(prompts)} cells ran in {time.time() - t0:.0f} s')
 
-    errors = drv.execute_script(f"""return [...document.querySelectorAll(
-        `{PANEL} .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]`)]
-        .map(e => e.innerText.slice(0, 400))""")
+    js = f"return [...document.querySelectorAll(`{stderr}`)].map(e => e.innerText.slice(0, 800))"
+    errors = drv.execute_script(js)
     assert errors == [], f'{name}: cells wrote errors: {errors}'
     text = drv.execute_script(f"return document.querySelector('{PANEL} .jp-Notebook').innerText")
     assert '<Figure size' not in text, f'{name}: a figure shown as text'
@@ -139,7 +163,7 @@ def test_explorer_in_jupyterlab(lab, browser, name):
                            "return e.length && e.every(x => x.loaded) ? e : null", 120,
                       f'{name}: no explorer picture')
     for e in explorers:
-        assert e['natural'] == 880 and e['shown'] <= e['column'] + 1, (name, e)     # fits the notebook column
+        assert e['natural'] == 800 and e['shown'] == 800 <= e['column'], (name, e)   # fits the column, unscaled
         assert e['sliders'] >= 1 and e['dropdowns'] >= 2, (name, e)
     out = next(o for o in drv.find_elements(By.CSS_SELECTOR, f'{PANEL} .jp-OutputArea-output')
                if o.find_elements(By.CSS_SELECTOR, '.widget-vbox img'))
@@ -163,3 +187,59 @@ def test_explorer_in_jupyterlab(lab, browser, name):
     assert _console_errors(drv) == [], f'{name}: browser console errors'
     log = lab.log_text()
     assert not re.search(r'Traceback|KernelRestarter|kernel .* died', log), f'{name}: server/kernel log:\n{log[-3000:]}'
+
+
+_IPYMPL_CELLS = ['%matplotlib widget',
+                 'from detr_explained.explore_base import load_model, load_image\n'
+                 'from detr_explained.explore_detr import DETRExplorer\n'
+                 "ex = DETRExplorer(load_model(family='detr'), load_image(size=192, max_size=288))\nex"]
+
+def test_explorer_takes_clicks_under_ipympl(browser, tmp_path):
+    "With `%matplotlib widget` the figure is ipympl's canvas: a click on the encoder panel moves the pixel sliders."
+    _shot_on_failure(browser, 'ipympl', _clicks_under_ipympl, browser, tmp_path)
+
+def _clicks_under_ipympl(browser, tmp_path):
+    import nbformat
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    sys.path.insert(0, str(ROOT/'tools'))
+    import kernelspec
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in _IPYMPL_CELLS])
+    nb.metadata['kernelspec'] = dict(kernelspec.NOTEBOOK_KERNELSPEC)
+    nbformat.write(nb, tmp_path/'clicks.ipynb')
+    drv = browser
+    with jupyter_lab(tmp_path, env={'OMP_NUM_THREADS': '1'}, settings=ALL_CELLS) as lab:
+        drv.get(lab.url('lab/tree/clicks.ipynb'))
+        _wait(drv, "return document.querySelector('.jp-NotebookPanel .jp-CodeCell')", 180, 'the notebook did not open')
+        _kernel_idle(lab, 'clicks.ipynb')
+        _run_all(drv)
+        find = f"return document.querySelector('{PANEL} .jupyter-matplotlib-canvas-div canvas:last-child')"
+        canvas = _wait(drv, find, 300, 'no ipympl canvas')
+        readouts = lambda: drv.execute_script(f"return [...document.querySelectorAll('{PANEL} .widget-readout')]"
+                                              ".map(r => r.textContent.trim())")
+        _wait(drv, f"return document.querySelectorAll('{PANEL} .widget-readout').length >= 4", 60, 'no sliders')
+        before = readouts()                               # enc layer, row, column, dec layer
+        assert before[1:3] == ['3', '4'], before          # the middle of the 6 x 9 feature map
+        w, h = canvas.size['width'], canvas.size['height']
+        column = drv.execute_script(f"return document.querySelector('{PANEL} .jp-OutputArea').clientWidth")
+        assert w == 800 <= column, (canvas.size, column)  # the canvas fits the column
+        image = f"document.querySelector(`{PANEL} .jupyter-matplotlib-canvas-div canvas`).toDataURL()"   # the figure
+        _wait(drv, f'return {image}.length > 5000', 120, 'the canvas shows no figure')
+        drawn = drv.execute_script(f'return {image}')
+        # (40, 110) px: inside the encoder panel (0.04 in margin; 0.3 + 0.48 in above it), on feature cell (0, 0)
+        ActionChains(drv).move_to_element_with_offset(canvas, 40 - w // 2, 110 - h // 2).click().perform()
+        t0 = time.time()
+        while readouts()[1:3] != ['0', '0'] and time.time() - t0 < 60: time.sleep(0.5)
+        assert readouts()[1:3] == ['0', '0'], readouts()
+        # the redrawn figure has the cyan cross on cell (0, 0): its centre, 16 image px in, is at canvas (23, 97)
+        cross = ("const c = document.querySelector(`%s .jupyter-matplotlib-canvas-div canvas`); const r = c.width / "
+                 "c.clientWidth; const [R, G, B] = c.getContext('2d').getImageData(23 * r, 97 * r, 1, 1).data; "
+                 "return R < 90 && G > 180 && B > 180" % PANEL)
+        _wait(drv, cross, 120, 'the canvas was not redrawn with the clicked pixel')
+        assert drv.execute_script(f'return {image}') != drawn
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        out = drv.find_element(By.CSS_SELECTOR, f'{PANEL} .jp-OutputArea-output .jupyter-matplotlib')
+        drv.execute_script("arguments[0].scrollIntoView({block: 'start'})", out)
+        out.screenshot(str(SHOTS/'lab_explore_ipympl.png'))
+        assert _console_errors(drv) == [], 'browser console errors'
+        assert 'Traceback' not in lab.log_text(), lab.log_text()[-3000:]
