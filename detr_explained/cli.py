@@ -84,6 +84,9 @@ def _add_train_options(p: argparse.ArgumentParser):
     g.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE', help='any other model config field, e.g. --set num_queries=50 hidden_dim=128')
     g.add_argument('--seed', type=NON_NEGATIVE, help='seed of the weights, the data order and the augmentations (default 42)')
     g.add_argument('--remap-categories', action='store_true', default=None, help='use classes 0..K-1 instead of the category ids (sparse ids)')
+    g.add_argument('--init', metavar='CHECKPOINT|NAME', help='start from these weights: a training checkpoint, a course model, '
+                   'an official file or name; the class head is adapted by class name (27_finetune)')
+    g.add_argument('--freeze', choices=['backbone', 'encoder'], help='keep the backbone (encoder: everything before the decoder) as loaded')
     r = p.add_argument_group('running')
     r.add_argument('--out', help='run folder for checkpoint.pt, metrics.jsonl, curves.png (default: runs/<family>_<preset>)')
     r.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
@@ -119,10 +122,15 @@ def _race(argv: list[str]) -> int:
     from detr_explained.race import main_race
     return main_race(argv)
 
+def _check(argv: list[str]) -> int:
+    from detr_explained.finetune import main_check
+    return main_check(argv)
+
 DELEGATED = {  # command -> (function(argv) -> exit code, help); each parser lives in its own notebook (30, 31, 25, 26)
     'fetch': (_fetch, 'download, verify and load a published checkpoint (`fetch --help`)'),
     'coco-subset': (_coco_subset, 'build a COCO subset from the official annotations and images (`coco-subset --help`)'),
     'course-models': (_course_models, 'list the trained course models, or rebuild them (`course-models --help`)'),
+    'check': (_check, 'check data and model before a long run: boxes, classes, image sizes, overfit one batch (`check --help`)'),
     'race': (_race, 'the convergence race: every family and ablation under one budget (`race --help`)'),
 }
 
@@ -192,7 +200,7 @@ def train_changes(args, family: str) -> tuple[dict, dict]:
     "(TrainConfig changes, model config changes) that the user gave on the command line."
     from detr_explained.family import get_family
     from detr_explained.train import parse_overrides
-    t = _given(args, ('image_size', 'augment', 'seed', 'remap_categories', *_RUN_TRAIN))
+    t = _given(args, ('image_size', 'augment', 'seed', 'remap_categories', 'freeze', *_RUN_TRAIN))
     m = {**_given(args, ('epochs', 'batch_size', 'lr', 'lr_backbone', 'lr_drop', 'pretrained_backbone')),
          **parse_overrides(args.set, get_family(family).Config)}
     return t, m
@@ -222,6 +230,10 @@ def make_trainer(args, out: Path, progress: bool):
                                       trainer_from_checkpoint, TrainConfig)
     from detr_explained.evaluate import coco_evaluator
     path = _resume_path(args, out)
+    if path is None and getattr(args, 'init', None):                 # fine-tuning (27_finetune)
+        from detr_explained.finetune import init_trainer
+        return init_trainer(args.init, args.data, out, lambda f: train_changes(args, f), args.family, args.preset, progress,
+                            overwrite=args.overwrite or args.resume == 'auto')
     if path is None:
         family, preset = args.family or 'detr', args.preset or 'small'
         t, m = train_changes(args, family)
@@ -293,12 +305,20 @@ def _check_folder(out: Path, option: str='--out'):
         raise TrainingError(f"{option} {out}: cannot write there ({_FS_ERRORS.get(e.errno, e.strerror or str(e)).lower()})") from None
 
 def cmd_train(args) -> int:
+    from detr_explained.distributed import distribute, join_torchrun
+    from detr_explained.finetune import watch
+    world = join_torchrun(args.device)       # None unless torchrun started 2+ processes (28_distributed)
+    main_rank = world is None or world.main
     family, preset = args.family or 'detr', args.preset or 'small'
     out = Path(args.out) if args.out else (Path(args.resume).parent if args.resume not in (None, 'auto') else Path('runs')/f'{family}_{preset}')
     _check_folder(out)
-    trainer, how = make_trainer(args, out, progress=not args.quiet)
-    print(f"{how}\n{describe(trainer)}", flush=True)
-    print(report(trainer.fit(), trainer))
+    trainer, how = make_trainer(args, out, progress=not args.quiet and main_rank)
+    if world is not None:
+        trainer = distribute(trainer, world, args.data)
+        how += f"\n{world.world_size} processes ({world.backend}), {trainer.cfg.batch_size // world.world_size} images each per step"
+    if main_rank: print(f"{how}\n{describe(trainer)}", flush=True); watch(trainer)   # warnings for the known traps
+    summary = trainer.fit()
+    if main_rank: print(report(summary, trainer))
     return 0
 
 # %% ../nbs/24_cli.ipynb #46f102eb
@@ -450,3 +470,5 @@ def main(argv: list[str]|None=None) -> int:
     except Exception as e:
         if (message := user_error(e)) is None: raise
         print(f"detr-explained {args.command}: error: {message}", file=sys.stderr); return 2
+
+if __name__ == '__main__': sys.exit(main())      # `python -m detr_explained.cli`, `torchrun -m detr_explained.cli` (28_distributed)

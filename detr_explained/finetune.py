@@ -289,7 +289,7 @@ def matcher_diagnostics(outputs: dict, targets: list[dict], criterion: nn.Module
     for b, (q, t) in enumerate(indices):
         pred = logits[b, q].argmax(-1)
         correct += (pred == targets[b]['labels'][t]).tolist()
-        iou = box_iou(box_cxcywh_to_xyxy(boxes[b, q]), box_cxcywh_to_xyxy(targets[b]['boxes'][t]))[0]
+        iou = box_iou(box_cxcywh_to_xyxy(boxes[b, q]), box_cxcywh_to_xyxy(targets[b]['boxes'][t]))
         ious += iou.diagonal().tolist()
         fired = (logits[b].argmax(-1) != logits.shape[-1] - 1) if softmax else (logits[b].sigmoid().max(-1).values > 0.5)
         card.append(abs(int(fired.sum()) - len(targets[b]['labels'])))

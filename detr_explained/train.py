@@ -24,12 +24,12 @@ from .family import ConfigError, TRAIN_PRESET_NAMES, get_family
 from .official import CheckpointError, load_checkpoint, load_weights   # official: every family registered
 
 # %% auto #0
-__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'RESUMABLE', 'TrainingError', 'model_config', 'parse_overrides', 'TrainConfig',
-           'train_config', 'check_settings', 'unfreeze_norms', 'adapt_backbone', 'param_groups', 'build_optimizer',
-           'NonFiniteLoss', 'NonFiniteWeights', 'weighted_loss', 'train_step', 'rng_state', 'set_rng_state',
-           'tensor_checksum', 'load_training_checkpoint', 'check_compatible', 'MetricsLog', 'Trainer', 'RunLock',
-           'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
-           'trainer_from_checkpoint']
+__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'FREEZE', 'RESUMABLE', 'TrainingError', 'model_config', 'parse_overrides',
+           'TrainConfig', 'train_config', 'check_settings', 'unfreeze_norms', 'adapt_backbone', 'param_groups',
+           'build_optimizer', 'NonFiniteLoss', 'NonFiniteWeights', 'weighted_loss', 'train_step', 'rng_state',
+           'set_rng_state', 'tensor_checksum', 'load_training_checkpoint', 'check_compatible', 'MetricsLog',
+           'freeze_parts', 'Trainer', 'RunLock', 'plot_curves', 'datasets_from_folder', 'config_from_dict',
+           'model_from_checkpoint', 'trainer_from_checkpoint']
 
 # %% ../nbs/22_train.ipynb #28ef3130
 class TrainingError(RuntimeError):
@@ -95,6 +95,8 @@ class TrainConfig:
     max_steps: int|None = None       # stop after this many optimiser steps in all (None: run all epochs)
     time_limit: float|None = None    # stop after this many minutes (None: no limit); makes the run length machine-dependent
     device: str = 'cpu'
+    freeze: str|None = None          # 'backbone' or 'encoder' (backbone, input projection, encoder): kept as loaded (fine-tuning)
+    init: str|None = None            # the checkpoint or course model the weights started from (None: from scratch; 27_finetune)
 
 def train_config(preset: str='official', **overrides) -> TrainConfig:
     "The preset's TrainConfig with `overrides`."
@@ -310,6 +312,20 @@ class MetricsLog:
         keep = [r for r in self.read() if r.get('global_step', 0) <= global_step]
         atomic_write_text(self.path, ''.join(json.dumps(r) + '\n' for r in keep))
 
+# %% ../nbs/22_train.ipynb #f4e2a9c1
+FREEZE = {'backbone': ('backbone.',),                                    # --freeze: parameter-name prefixes kept as loaded
+          'encoder': ('backbone.', 'input_proj.', 'transformer.encoder.', 'transformer.level_embed')}
+
+def freeze_parts(model: nn.Module, part: str|None) -> nn.Module:
+    "Stop training `part` of `model` ('backbone', or 'encoder': everything before the decoder); nothing left to train is an error."
+    if part is None: return model
+    if part not in FREEZE: raise ConfigError(f"freeze {part!r}: expected one of {', '.join(FREEZE)}")
+    for n, p in model.named_parameters():
+        if n.startswith(FREEZE[part]): p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError(f"with --freeze {part} (and lr_backbone 0) no parameter is left to train: freeze less")
+    return model
+
 # %% ../nbs/22_train.ipynb #d4b1a56e
 class Trainer:
     "A training run of one model family on one dataset, resumable at any step."
@@ -325,7 +341,7 @@ class Trainer:
         self.evaluate_fn, self.progress, self.overwrite = evaluate_fn, progress, overwrite
         fam = get_family(tcfg.family)
         set_seed(tcfg.seed)
-        self.model = adapt_backbone(fam.build_model(cfg), tcfg.train_stem, tcfg.trainable_norm).to(tcfg.device)
+        self.model = freeze_parts(adapt_backbone(fam.build_model(cfg), tcfg.train_stem, tcfg.trainable_norm), tcfg.freeze).to(tcfg.device)
         self.criterion, self.postprocess = fam.build_criterion(cfg).to(tcfg.device), fam.build_postprocess(cfg)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
         train_ds.seed = tcfg.seed
@@ -336,6 +352,11 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path: return self.out/'checkpoint.pt'
+
+    @property
+    def forward_model(self) -> nn.Module: return self.model      # what a training step calls (28_distributed: the DDP wrapper)
+
+    def _lock(self) -> RunLock: return RunLock(self.out)           # the run folder's lock (28_distributed: rank 0's only)
 
 # %% ../nbs/22_train.ipynb #eac795c3
 @patch
@@ -429,7 +450,7 @@ def run_epoch(self: Trainer, t0: float) -> bool:
     recent = []
     for batch in self.loader:
         if self._should_stop(t0): break
-        try: losses = train_step(self.model, self.criterion, self.optimizer, batch, self.cfg.clip_max_norm, self.tcfg.device)
+        try: losses = train_step(self.forward_model, self.criterion, self.optimizer, batch, self.cfg.clip_max_norm, self.tcfg.device)
         except NonFiniteLoss as e: raise self._fail(e) from None
         self.step += 1; self.global_step += 1
         with self._writing(self.log.path):
@@ -529,7 +550,7 @@ def fit(self: Trainer) -> dict:
     "Train to cfg.epochs (or max_steps / time_limit); returns a summary."
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.time()
-    with self._writing(self.out): self.out.mkdir(parents=True, exist_ok=True); lock = RunLock(self.out).acquire()
+    with self._writing(self.out): self.out.mkdir(parents=True, exist_ok=True); lock = self._lock().acquire()
     try:
         self._start()
         stopped = False
