@@ -471,4 +471,4 @@ def main(argv: list[str]|None=None) -> int:
         if (message := user_error(e)) is None: raise
         print(f"detr-explained {args.command}: error: {message}", file=sys.stderr); return 2
 
-if __name__ == '__main__': sys.exit(main())      # `python -m detr_explained.cli`, `torchrun -m detr_explained.cli` (28_distributed)
+if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())   # `python -m detr_explained.cli`, `torchrun -m ...` (28_distributed); not in the notebook
