@@ -23,14 +23,15 @@ from .box_ops import box_cxcywh_to_xyxy
 from .data import IMAGENET_MEAN, IMAGENET_STD, load_rgb, resize_size
 from .official import CheckpointError, from_official   # official: every family registered
 from .family import family_names, get_family
+from .course import course_model, course_model_names
 from .hub import OFFICIAL_CHECKPOINTS, cache_dir
 
 # %% auto #0
 __all__ = ['SAMPLE_IMAGE', 'FIG_WIDTH', 'FIG_DPI', 'LoadedModel', 'as_loaded', 'coco_names', 'random_model', 'cached_official',
-           'default_source', 'load_model', 'ExplorerImage', 'sample_image', 'load_image', 'HookSet', 'call_args',
-           'layer_predictions', 'query_scores', 'head_map', 'argmax2d', 'panel_rows', 'overlay', 'colorbar',
-           'box_to_pixels', 'draw_box', 'weights_banner', 'slider', 'dropdown', 'head_options', 'query_options',
-           'interactive_backend', 'new_figure', 'figure_png', 'ExplorerBase']
+           'default_source', 'load_model', 'ExplorerImage', 'sample_image', 'load_image', 'explorer_image', 'HookSet',
+           'call_args', 'layer_predictions', 'query_scores', 'head_map', 'argmax2d', 'panel_rows', 'overlay',
+           'colorbar', 'box_to_pixels', 'draw_box', 'weights_banner', 'slider', 'dropdown', 'head_options',
+           'query_options', 'interactive_backend', 'new_figure', 'figure_png', 'ExplorerBase']
 
 # %% ../nbs/39_explore_base.ipynb #7700c2eb
 @dataclass
@@ -42,6 +43,7 @@ class LoadedModel:
     names: dict = field(default_factory=dict)  # class label -> name ({} when unknown)
     image_size: int|None = None      # the shorter image side it was trained at, when known
     random_weights: bool = False     # untrained: the figure says "random weights"
+    synthetic: bool = False          # trained on the synthetic shapes: explored on a synthetic image
     weights: str = ''                # what the figure says about the weights
 
 _MECHANISM = 'the mechanism, not what training learns'
@@ -93,8 +95,9 @@ def cached_official(family: str) -> str|None:
     return cached[0] if cached else None
 
 def default_source(family: str) -> str:
-    "The best weights here: official ones in the cache, else the fixture (random) if ../shared has it, else 'random'."
+    "The best weights here: official ones in the cache, the course model, the fixture (random), else 'random'."
     if (name := cached_official(_check_family(family))) is not None: return name
+    if family in course_model_names(): return 'course'
     return 'fixture' if (shared_dir()/'fixtures'/'official'/f'{family}.pt').exists() else 'random'
 
 # %% ../nbs/39_explore_base.ipynb #fef79fae
@@ -108,6 +111,11 @@ def load_model(source: str|Path|None=None, # None: `default_source`; 'fixture', 
         model = from_official(family, fx['state_dict'], fx['config']['args'])
         return LoadedModel(model, family, 'fixture', coco_names(), random_weights=True,
                            weights=f'random weights (the official-code test fixture): {_MECHANISM}')
+    if str(source) == 'course':
+        cm = course_model(_check_family(family))
+        trained = f"course model '{cm.name}', trained on the synthetic shapes (AP50 {cm.metrics['AP50']:.2f})"
+        return LoadedModel(cm.model, cm.family, 'course', dict(cm.classes), cm.image_size, synthetic=True,
+                           weights=trained)
     if str(source) == 'random':
         return LoadedModel(random_model(_check_family(family)), family, 'random', {}, 256, random_weights=True,
                            weights=f'random weights (untrained): {_MECHANISM}')
@@ -157,6 +165,15 @@ def load_image(image=None, # path, PIL image, (H, W, 3) array, (3, H, W) tensor 
     rgb = np.asarray(pil.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255    # (H, W, 3)
     x = (torch.from_numpy(rgb) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     return ExplorerImage(x.permute(2, 0, 1)[None].contiguous(), rgb, name)        # (H, W, 3) -> (1, 3, H, W)
+
+def explorer_image(lm: LoadedModel, image=None, size: int|None=None) -> ExplorerImage:
+    "`image` (an ExplorerImage as it is) for `lm`; None: a synthetic image for a model of the synthetic shapes."
+    if isinstance(image, ExplorerImage): return image
+    size = size or lm.image_size or 384
+    if image is None and lm.synthetic:
+        from detr_explained.synthetic import make_image
+        image = make_image(np.random.default_rng(1), (size, size))[0]      # like the images it learned from
+    return load_image(image, size)
 
 # %% ../nbs/39_explore_base.ipynb #a267a8cc
 class HookSet:

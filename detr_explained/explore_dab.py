@@ -15,8 +15,9 @@ from torch import nn, Tensor
 
 from .dab_transformer import split_heads
 from .explore_base import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, argmax2d, as_loaded,
+                                         explorer_image,
                                          box_to_pixels, call_args, colorbar, draw_box, dropdown, head_map, head_options,
-                                         layer_predictions, load_image, overlay, panel_rows, query_options,
+                                         layer_predictions, overlay, panel_rows, query_options,
                                          query_scores, slider, weights_banner)
 
 # %% auto #0
@@ -112,7 +113,7 @@ class DABExplorer(ExplorerBase):
                  capture=None): # a capture of this model on this image, to reuse
         self.lm = lm = as_loaded(model, 'dab_detr')
         self.names = names if names is not None else lm.names
-        self.image = image if isinstance(image, ExplorerImage) else load_image(image, size or lm.image_size or 384)
+        self.image = explorer_image(lm, image, size)
         self.cap = cap = capture if capture is not None else capture_dab(lm.model, self.image)
         L, M = cap.anchors.shape[0], cap.maps['position'].shape[1]
         self.controls = dict(query=dropdown(_query_names(cap, self.names), 'query'),

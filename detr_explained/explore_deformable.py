@@ -14,7 +14,8 @@ from torch import nn, Tensor
 
 from .ms_deform_attn import MSDeformAttn
 from .explore_base import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, as_loaded, box_to_pixels,
-                                         call_args, draw_box, dropdown, layer_predictions, load_image, overlay,
+                                         explorer_image,
+                                         call_args, draw_box, dropdown, layer_predictions, overlay,
                                          panel_rows, query_options, query_scores, slider, weights_banner)
 
 # %% auto #0
@@ -153,7 +154,7 @@ class DeformableExplorer(ExplorerBase):
                  capture=None): # a capture of this model on this image, to reuse
         self.lm = lm = as_loaded(model, 'deformable_detr')
         self.names = names if names is not None else lm.names
-        self.image = image if isinstance(image, ExplorerImage) else load_image(image, size or lm.image_size or 384)
+        self.image = explorer_image(lm, image, size)
         self.cap = cap = capture if capture is not None else capture_deformable(lm.model, self.image)
         (M, L, P), Le, Ld = cap.dec[0]['weights'].shape[1:], len(cap.enc), len(cap.dec)
         H1, W1 = cap.spatial_shapes[1 % L]

@@ -11,8 +11,9 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 
 from .explore_base import (ExplorerBase, ExplorerImage, HookSet, LoadedModel, argmax2d, as_loaded,
+                                         explorer_image,
                                          box_to_pixels, call_args, colorbar, draw_box, dropdown, head_map, head_options,
-                                         layer_predictions, load_image, overlay, panel_rows, query_options,
+                                         layer_predictions, overlay, panel_rows, query_options,
                                          query_scores, slider, weights_banner)
 
 # %% auto #0
@@ -109,7 +110,7 @@ class DETRExplorer(ExplorerBase):
                  capture=None): # a capture of this model on this image, to reuse
         self.lm = lm = as_loaded(model, 'detr')
         self.names = names if names is not None else lm.names
-        self.image = image if isinstance(image, ExplorerImage) else load_image(image, size or lm.image_size or 384)
+        self.image = explorer_image(lm, image, size)
         self.cap = cap = capture if capture is not None else capture_detr(lm.model, self.image)
         (H, W), (Le, M), Ld = cap.feature_hw, cap.enc_attn.shape[:2], cap.dec_attn.shape[0]
         self.controls = dict(

@@ -308,7 +308,7 @@ def test_the_picture_is_a_png_that_follows_the_controls(models, image):
 
 
 def test_random_weights_without_the_shared_folder(tmp_path, image):
-    "A reader with no ../shared and no download gets random weights, and the figure says so."
+    "With no ../shared and no download: the course model where one ships, else random weights; the figure says which."
     env = {'DETR_EXPLAINED_SHARED': str(tmp_path/'none'), 'DETR_EXPLAINED_CACHE': str(tmp_path/'cache')}
     code = """
 from detr_explained.explore_base import default_source, load_model, load_image
@@ -318,6 +318,14 @@ lm = load_model(family='dab_detr')
 ex = DABExplorer(lm, load_image(size=96))
 texts = [t.get_text() for t in ex.fig.texts]
 assert lm.random_weights and any('random weights (untrained)' in t for t in texts), texts
+from detr_explained.course import course_model_names
+if 'deformable_detr' in course_model_names():                 # the shipped course model, without ../shared
+    from detr_explained.explore_deformable import DeformableExplorer
+    assert default_source('deformable_detr') == 'course'
+    dx = DeformableExplorer(load_model(family='deformable_detr'))
+    texts = [t.get_text() for t in dx.fig.texts]
+    assert any("course model 'deformable_detr'" in t for t in texts) and not dx.lm.random_weights, texts
+    assert dx.image.name == 'ndarray' and set(dx.names.values()) >= {'ellipse', 'rectangle', 'triangle'}
 print('ok', ex.image.name)
 """
     import os
