@@ -107,8 +107,15 @@ def _add_common(p):
 DEMO_SCORE_THRESHOLD = 0.3   # focal-loss (sigmoid) scores of a model trained for minutes sit well below softmax ones
 
 def _fetch(argv: list[str]) -> int:
+    if argv and argv[0].startswith('hf:'):                    # a Hugging Face Hub repo (33_hf)
+        from detr_explained.hf import main_fetch_hf
+        return main_fetch_hf(argv)
     from detr_explained.hub import main_fetch                 # imported when used: `--help` stays quick
     return main_fetch(argv)
+
+def _export(argv: list[str]) -> int:
+    from detr_explained.export import main_export
+    return main_export(argv)
 
 def _coco_subset(argv: list[str]) -> int:
     from detr_explained.coco_subset import main_coco_subset
@@ -127,7 +134,8 @@ def _check(argv: list[str]) -> int:
     return main_check(argv)
 
 DELEGATED = {  # command -> (function(argv) -> exit code, help); each parser lives in its own notebook (30, 31, 25, 26)
-    'fetch': (_fetch, 'download, verify and load a published checkpoint (`fetch --help`)'),
+    'fetch': (_fetch, 'download and load a published checkpoint, or hf:<repo_id> from the Hugging Face Hub (`fetch --help`)'),
+    'export': (_export, 'export a model to ONNX and check it with ONNX Runtime (`export --help`)'),
     'coco-subset': (_coco_subset, 'build a COCO subset from the official annotations and images (`coco-subset --help`)'),
     'course-models': (_course_models, 'list the trained course models, or rebuild them (`course-models --help`)'),
     'check': (_check, 'check data and model before a long run: boxes, classes, image sizes, overfit one batch (`check --help`)'),
@@ -170,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=COUNT, default=8, help='images per batch (default 8)')
     _add_common(p)
     p = sub.add_parser('predict', help='detect objects in image files', description='Draw detections on images (PNG) and write detections.json.')
-    p.add_argument('--checkpoint', required=True, help='checkpoint.pt written by train')
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument('--checkpoint', help='checkpoint.pt written by train')
+    which.add_argument('--onnx', help='a model.onnx written by `detr-explained export` (ONNX Runtime, CPU)')
     p.add_argument('images', nargs='+', help='image files')
     p.add_argument('--out', default='predictions', help='output folder (default predictions/)')
     p.add_argument('--threshold', type=_score, default=0.5, help='keep detections with at least this score (default 0.5)')
@@ -368,7 +378,11 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from detr_explained.evaluate import predict_files
     _check_folder(Path(args.out))
-    records = predict_files(args.checkpoint, args.images, args.out, args.threshold, args.device, progress=not args.quiet)
+    if args.onnx:                                                # 34_export: the .onnx file alone
+        from detr_explained.export import predict_files_onnx
+        records = predict_files_onnx(args.onnx, args.images, args.out, args.threshold, args.threads)
+    else: records = predict_files(args.checkpoint, args.images, args.out, args.threshold, args.device,
+                                  progress=not args.quiet)
     for r in records:
         if 'error' in r: print(f"detr-explained predict: error: {r['error']}", file=sys.stderr); continue
         found = ', '.join(f"{d['label']} {d['score']:.2f}" for d in r['detections']) or 'nothing'

@@ -252,3 +252,10 @@ def test_clear_errors(tmp_path, folders):
     (bad / 'config.json').write_text(json.dumps({**cfg, 'num_queries': 7}))
     shutil.copy(folder / 'model.safetensors', bad / 'model.safetensors')
     with pytest.raises(HFCheckpointError, match='query_position_embeddings'): from_hf(bad)
+
+
+def test_fetch_hf_through_the_cli(folders, tmp_path, monkeypatch, capsys):
+    from detr_explained.cli import main
+    snap = hub_cache(folders['dab'][1], tmp_path, monkeypatch)
+    assert main(['fetch', 'hf:someone/dab-tiny']) == 0
+    assert str(snap) in capsys.readouterr().out

@@ -108,3 +108,25 @@ def test_cli_functions(tmp_path, capsys):
     assert err == [f"detr-explained export: error: --out {tmp_path / 'm.pt'}: expected a file name ending in .onnx",
                    f"detr-explained export: error: --checkpoint {tmp_path / 'missing.pt'}: no such file"]
     with pytest.raises(FileNotFoundError, match='ONNX model not found'): OnnxDetector(tmp_path / 'nope.onnx')
+
+
+def test_command_line(tmp_path, capsys):
+    "`detr-explained export --hf ...` then `detr-explained predict --onnx ...`, through the CLI's main."
+    from PIL import Image
+    from detr_explained.cli import main
+    transformers = pytest.importorskip('transformers')
+    pytest.importorskip('timm')
+    torch.manual_seed(0)
+    transformers.DabDetrForObjectDetection(transformers.DabDetrConfig(
+        use_timm_backbone=True, backbone='resnet18', use_pretrained_backbone=False, hidden_size=32, encoder_layers=1,
+        decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+        num_queries=5, num_labels=3)).save_pretrained(tmp_path / 'dab')
+    assert main(['export', '--hf', str(tmp_path / 'dab'), '--out', str(tmp_path / 'dab.onnx'), '--image-size', '128']) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'dab.onnx'} (dab_detr, ")
+    Image.new('RGB', (160, 120), (10, 200, 30)).save(tmp_path / 'g.png')
+    assert main(['predict', '--onnx', str(tmp_path / 'dab.onnx'), str(tmp_path / 'g.png'), '--out', str(tmp_path / 'p'),
+                 '--threshold', '0']) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'g.png'}: " in out and (tmp_path / 'p' / 'detections.json').exists()
+    assert main(['predict', '--onnx', str(tmp_path / 'dab.onnx'), '--checkpoint', 'c.pt', str(tmp_path / 'g.png')]) == 2
+    assert 'not allowed with argument' in capsys.readouterr().err
