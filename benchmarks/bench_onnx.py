@@ -71,7 +71,8 @@ def run(size, repeats: int, threads: int, clock, workdir: Path):
 def table(rows):
     lines = ['| model | PyTorch (ms) | ONNX Runtime (ms) | PyTorch / ORT | max abs diff | .onnx (MiB) |',
              '|---|---:|---:|---:|---:|---:|']
-    lines += [f'| {label} | {pt:.1f} | {ort:.1f} | {pt / ort:.2f}x | {d:.1e} | {mb:.1f} |' for label, pt, ort, d, mb in rows]
+    lines += [f'| {label} | {pt:.1f} | {ort:.1f} | {pt / ort:.2f}x | {d:.1e} | {mb:.1f} |'
+              for label, pt, ort, d, mb in rows]
     return '\n'.join(lines)
 
 

@@ -15,8 +15,9 @@ from detr_explained.family import get_family  # noqa: E402
 from detr_explained.hf import from_hf, to_hf, config_from_hf, HFCheckpointError  # noqa: E402
 
 ATOL = 1e-4
-SMALL = dict(use_timm_backbone=True, backbone='resnet18', use_pretrained_backbone=False, encoder_layers=1, decoder_layers=2,
-             encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, num_queries=6,
+SMALL = dict(use_timm_backbone=True, backbone='resnet18', use_pretrained_backbone=False, encoder_layers=1,
+             decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+             decoder_attention_heads=2, num_queries=6,
              num_labels=4, auxiliary_loss=True)
 
 # DETR with auxiliary_loss=False: transformers 5.x's DetrDecoder, when auxiliary_loss is True, writes the
@@ -33,7 +34,8 @@ CASES = {
                               dict(d_model=64, encoder_n_points=2, decoder_n_points=2, with_box_refine=True,
                                    disable_custom_kernels=True)),
     'deformable_two_stage': ('DeformableDetrForObjectDetection', 'DeformableDetrConfig',
-                             dict(d_model=64, encoder_n_points=2, decoder_n_points=2, with_box_refine=True, two_stage=True,
+                             dict(d_model=64, encoder_n_points=2, decoder_n_points=2, with_box_refine=True,
+                                  two_stage=True,
                                   two_stage_num_proposals=6, disable_custom_kernels=True)),
     'deformable_single_scale': ('DeformableDetrForObjectDetection', 'DeformableDetrConfig',
                                 dict(d_model=64, num_feature_levels=1, encoder_n_points=2, decoder_n_points=2,
@@ -62,7 +64,8 @@ def inputs(B=2, H=96, W=128):
     return x, mask
 
 
-LABELS = [{'class_labels': torch.tensor([1, 3]), 'boxes': torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]])}] * 2
+LABELS = [{'class_labels': torch.tensor([1, 3]),
+           'boxes': torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]])}] * 2
 
 
 def load(folder):
@@ -99,7 +102,8 @@ def hf_outputs(model, x, mask):
 
 def close(ours, theirs, what):
     d = (ours - theirs).abs().max().item()
-    assert ours.shape == theirs.shape and d <= ATOL, f"{what}: max |diff| {d:.2e} (shapes {tuple(ours.shape)}, {tuple(theirs.shape)})"
+    assert ours.shape == theirs.shape and d <= ATOL, \
+        f"{what}: max |diff| {d:.2e} (shapes {tuple(ours.shape)}, {tuple(theirs.shape)})"
 
 
 def compare(ours, theirs, case):
@@ -184,8 +188,8 @@ def test_library_model_to_hf(tmp_path, family, changes):
     with torch.no_grad():
         for p in model.parameters(): p.add_(torch.randn_like(p) * 0.05)
     out = to_hf(model, tmp_path / 'lib', family=family, cfg=cfg)
-    cls = getattr(transformers, {'detr': 'DetrForObjectDetection', 'deformable_detr': 'DeformableDetrForObjectDetection',
-                                 'dab_detr': 'DabDetrForObjectDetection'}[family])
+    cls = getattr(transformers, {'detr': 'DetrForObjectDetection', 'dab_detr': 'DabDetrForObjectDetection',
+                                 'deformable_detr': 'DeformableDetrForObjectDetection'}[family])
     theirs = cls.from_pretrained(out).eval()
     x, mask = inputs()
     with torch.no_grad():

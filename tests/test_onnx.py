@@ -71,7 +71,8 @@ def test_onnx_predictor_equals_library_predict(tmp_path):
     import numpy as np
     from detr_explained.evaluate import predict_image
     model, cfg = tiny('dab_detr', {})
-    path = export_onnx(model, tmp_path / 'dab.onnx', model_metadata('dab_detr', cfg, 224, {i: f'c{i}' for i in range(5)}))
+    names = {i: f'c{i}' for i in range(5)}
+    path = export_onnx(model, tmp_path / 'dab.onnx', model_metadata('dab_detr', cfg, 224, names))
     image = Image.fromarray((np.random.default_rng(0).random((240, 320, 3)) * 255).astype('uint8'))
     det = OnnxDetector(path)
     assert (det.family, det.image_size, det.names[4]) == ('dab_detr', 224, 'c4')
@@ -98,7 +99,8 @@ def test_cli_functions(tmp_path, capsys):
     assert 'ONNX Runtime = PyTorch within' in capsys.readouterr().out
     Image.new('RGB', (200, 150), (120, 30, 200)).save(tmp_path / 'a.png')
     (tmp_path / 'broken.jpg').write_bytes(b'not an image')
-    recs = predict_files_onnx(tmp_path / 'm.onnx', [tmp_path / 'a.png', tmp_path / 'broken.jpg'], tmp_path / 'pred', 0.0)
+    files = [tmp_path / 'a.png', tmp_path / 'broken.jpg']
+    recs = predict_files_onnx(tmp_path / 'm.onnx', files, tmp_path / 'pred', 0.0)
     assert len(recs[0]['detections']) == 6 and {d['label'] for d in recs[0]['detections']} <= {'cat', 'dog'}
     assert 'error' in recs[1]
     assert json.loads((tmp_path / 'pred' / 'detections.json').read_text())[0]['file'].endswith('a.png')
@@ -121,7 +123,8 @@ def test_command_line(tmp_path, capsys):
         use_timm_backbone=True, backbone='resnet18', use_pretrained_backbone=False, hidden_size=32, encoder_layers=1,
         decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
         num_queries=5, num_labels=3)).save_pretrained(tmp_path / 'dab')
-    assert main(['export', '--hf', str(tmp_path / 'dab'), '--out', str(tmp_path / 'dab.onnx'), '--image-size', '128']) == 0
+    onnx_file = str(tmp_path / 'dab.onnx')
+    assert main(['export', '--hf', str(tmp_path / 'dab'), '--out', onnx_file, '--image-size', '128']) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'dab.onnx'} (dab_detr, ")
     Image.new('RGB', (160, 120), (10, 200, 30)).save(tmp_path / 'g.png')
     assert main(['predict', '--onnx', str(tmp_path / 'dab.onnx'), str(tmp_path / 'g.png'), '--out', str(tmp_path / 'p'),
