@@ -38,7 +38,7 @@ def world_from_env(env=None) -> World|None:
     if 'RANK' not in env or 'WORLD_SIZE' not in env: return None
     return World(int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0)))
 
-# %% ../nbs/28_distributed.ipynb #bc4527f7
+# %% ../nbs/28_distributed.ipynb #fe02cd57
 def join_torchrun(device: str='cpu', timeout_minutes: float=30.) -> World|None:
     "Join the process group torchrun prepared (gloo on CPU, NCCL on CUDA); None outside torchrun or with one process."
     w = world_from_env()
@@ -53,7 +53,7 @@ def join_torchrun(device: str='cpu', timeout_minutes: float=30.) -> World|None:
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return World(w.rank, w.world_size, w.local_rank, backend)
 
-# %% ../nbs/28_distributed.ipynb #5109e650
+# %% ../nbs/28_distributed.ipynb #78f10d45
 class RankBatchSampler(EpochBatchSampler):
     "Rank r's share of every global batch of an EpochBatchSampler: the same global batches, samples and seeds at any world size."
     def __init__(self, n: int, batch_size: int, # the GLOBAL batch: images per optimiser step over all processes
@@ -70,7 +70,7 @@ class RankBatchSampler(EpochBatchSampler):
     def __iter__(self):
         for batch in super().__iter__(): yield batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
 
-# %% ../nbs/28_distributed.ipynb #da53b2d4
+# %% ../nbs/28_distributed.ipynb #923660d6
 def gathered_evaluator(dataset: CocoDetection, world: World, batch_size: int=8, device: str='cpu'):
     "An `evaluate_fn(model, postprocess)` in which rank r predicts images r, r+W, ...; rank 0 scores all of them, every rank gets the metrics."
     def evaluate_fn(model: nn.Module, postprocess: nn.Module) -> dict:
@@ -88,7 +88,7 @@ def gathered_evaluator(dataset: CocoDetection, world: World, batch_size: int=8, 
         return {**box[0], 'num_images': len(dataset)}
     return evaluate_fn
 
-# %% ../nbs/28_distributed.ipynb #d31ab23c
+# %% ../nbs/28_distributed.ipynb #6df1d627
 class ReadOnlyLog(MetricsLog):
     "The metrics log as ranks other than 0 see it: read, never written."
     def append(self, record: dict): pass
@@ -104,7 +104,7 @@ def _collective_error(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, dist_errors) or any(w in text for w in ('gloo', 'nccl', 'connection closed', 'connection reset', 'broken pipe'))
 
-# %% ../nbs/28_distributed.ipynb #71d81651
+# %% ../nbs/28_distributed.ipynb #eca3de11
 class DistributedTrainer(Trainer):
     "A Trainer that is one process of a torchrun job: DDP gradients, rank 0 alone writes (see `distribute`)."
     @property
@@ -140,7 +140,7 @@ class DistributedTrainer(Trainer):
             raise TrainingError(f"rank {self.world.rank} of {self.world.world_size}: another process of the run stopped ({first}); "
                                 f"{self._kept()}. Run the same command with --resume to continue (at any number of processes)") from None
 
-# %% ../nbs/28_distributed.ipynb #354959aa
+# %% ../nbs/28_distributed.ipynb #99bcc215
 class _Terminated(Exception): "torchrun's SIGTERM: another worker failed, the agent stops this one."
 
 def _raise_terminated(signum, frame): raise _Terminated(f"signal {signal.Signals(signum).name} from torchrun")
@@ -157,7 +157,7 @@ def _held(signum: int):
         signal.signal(signum, previous)
         if received: signal.raise_signal(signum)
 
-# %% ../nbs/28_distributed.ipynb #8083c72f
+# %% ../nbs/28_distributed.ipynb #4ba349a1
 def distribute(trainer: Trainer, world: World, data: Path|str|None=None) -> DistributedTrainer:
     "Make a Trainer (fresh or resumed, built identically on every rank) one process of the torchrun job `world`."
     t = trainer.tcfg

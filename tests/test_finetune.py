@@ -122,3 +122,27 @@ def test_trap_warnings(shapes, tmp_path):
     text = '\n'.join(trap_warnings(t))
     assert 'lr 0.05 is high' in text and 'eos_coef=0.9' in text and 'only 6 steps' in text
     assert flat_loss([1.0] * 100) and flat_loss([1.0 - i / 200 for i in range(100)]) is None
+
+
+def test_cli_train_init_freeze_and_resume(shapes, tmp_path, capsys):
+    "train --init from a training checkpoint with --freeze encoder: logged, frozen parts unchanged, resumable."
+    from detr_explained.cli import main
+    from detr_explained.train import load_training_checkpoint
+    base = ['train', '--data', str(shapes), '--preset', 'tiny', '--eval-every', '0', '--quiet']
+    assert main(base + ['--family', 'dab_detr', '--max-steps', '2', '--out', str(tmp_path / 'src')]) == 0
+    src = load_training_checkpoint(tmp_path / 'src' / 'checkpoint.pt')
+    run = ['--init', str(tmp_path / 'src' / 'checkpoint.pt'), '--freeze', 'encoder', '--out', str(tmp_path / 'ft')]
+    assert main(base + run + ['--max-steps', '2', '--lr', '1e-3']) == 0
+    out = capsys.readouterr().out
+    assert 'init: ' in out and 'class rows kept (shared names, old label->new): ellipse, rectangle, triangle, cross' in out
+    assert 'warning: only 2 steps' in out
+    ft = load_training_checkpoint(tmp_path / 'ft' / 'checkpoint.pt')
+    assert ft['train_config']['freeze'] == 'encoder' and ft['train_config']['init'].endswith('checkpoint.pt')
+    enc = [k for k in ft['model'] if k.startswith(('transformer.encoder.', 'input_proj.'))]
+    assert enc and all(torch.equal(ft['model'][k], src['model'][k]) for k in enc)            # frozen: as loaded
+    assert not torch.equal(ft['model']['class_embed.weight'], src['model']['class_embed.weight'])   # the head trained
+    first = json.loads((tmp_path / 'ft' / 'metrics.jsonl').read_text().splitlines()[0])
+    assert first['init']['kept']['cross'] == [4, 4] and first['init']['reinitialised'] == []
+    assert main(base + ['--out', str(tmp_path / 'ft'), '--resume', '--max-steps', '3']) == 0            # freeze kept on resume
+    again = load_training_checkpoint(tmp_path / 'ft' / 'checkpoint.pt')
+    assert again['global_step'] == 3 and all(torch.equal(again['model'][k], src['model'][k]) for k in enc)
