@@ -118,7 +118,7 @@ class Joiner(nn.Sequential):
 
     def forward(self, tensors: Tensor, # (B, 3, H, W)
                 mask: Tensor, # (B, H, W) bool, True on padding
-               ) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]: # [(B, C_l, H_l, W_l), (B, H_l, W_l)], [(B, d_model, H_l, W_l)]
+               ) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]: # [(B, C_l, H_l, W_l), (B, H_l, W_l)], [(B, C, H_l, W_l)]
         features = self[0](tensors, mask)
         pos = [self[1](f, m).to(f.dtype) for f, m in features]
         return features, pos
