@@ -55,7 +55,8 @@ def load_init(source: str|Path) -> InitWeights:
     from detr_explained.hub import OFFICIAL_CHECKPOINTS, from_official_checkpoint
     s, p = str(source), Path(source)
     if s in RECIPES and not p.exists():
-        cm = course_model(s)
+        try: cm = course_model(s)
+        except CourseModelError as e: raise CheckpointError(f"--init {s}: {e}") from None
         return InitWeights(s, 'course model', cm.family, cm.config, cm.model.state_dict(), {int(k): v for k, v in cm.classes.items()})
     if p.is_file():
         obj = load_checkpoint(p)
