@@ -237,7 +237,7 @@ def cards_table(cards: list[dict]) -> str:
                     f"{c['metrics']['AP']:.3f} | {c['metrics']['AP50']:.3f} | {mb:.1f} |")
     return '\n'.join(rows)
 
-# %% ../nbs/25_course_models.ipynb #b6b10ddd
+# %% ../nbs/25_course_models.ipynb #ddc931b3
 def main_course_models(argv: list[str]|None=None) -> int:
     "`detr-explained course-models [--rebuild [NAME ...]]`; returns the exit code."
     import argparse, sys
