@@ -281,8 +281,12 @@ def draw_box(ax, xyxy, color='lime', lw=2, ls='-', label=None):
 def weights_banner(fig: Figure, lm: LoadedModel):
     "The sentence above the panels saying which model and weights are drawn (red for random weights)."
     text = f'{get_family(lm.family).title} — {lm.weights or lm.source}'
-    fig.text(0.005, 1 - 0.05 / fig.get_figheight(), text, va='top', fontsize=10, weight='bold',
-             color='firebrick' if lm.random_weights else 'black')
+    t = fig.text(0.005, 1 - 0.05 / fig.get_figheight(), text, va='top', fontsize=10, weight='bold',
+                 color='firebrick' if lm.random_weights else 'black')
+    for size in (9, 8):                                   # smaller rather than cut off at the right edge
+        if t.get_window_extent().x1 <= fig.bbox.x1 - 2: break
+        t.set_fontsize(size)
+    return t
 
 # %% ../nbs/39_explore_base.ipynb #ff3de60d
 _STYLE = {'description_width': 'initial'}
@@ -334,8 +338,8 @@ class ExplorerBase:
     def _setup(self):
         self.fig, self.shown, self._displayed = new_figure(), {}, False
         self.fig.canvas.mpl_connect('button_press_event', self.on_click)
-        self.view = self.fig.canvas if interactive_backend() else widgets.Image(
-            format='png', layout=widgets.Layout(max_width='100%', height='auto'))
+        self.view = self.fig.canvas if interactive_backend() else widgets.Image(       # its own size, or the column's
+            format='png', layout=widgets.Layout(max_width='100%', height='auto', align_self='flex-start'))
         for c in self.controls.values(): c.observe(self._changed, names='value')
         self.draw()
 

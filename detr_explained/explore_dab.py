@@ -133,8 +133,7 @@ def draw_anchors(self: DABExplorer, ax, cax):
     for i, (b, c) in enumerate(zip(track, colors)):
         draw_box(ax, box_to_pixels(b, hw), color=c, lw=3 if i == layer else 1.5)
         ax.plot(*xy[i], 'o', color=c, ms=5)
-    ax.set_title(f'query {q}: its anchor entering each layer, final box\n(white: every anchor at layer {layer})',
-                 fontsize=10)
+    ax.set_title(f'query {q}: its anchor at each layer, its box\n(white: all anchors at layer {layer})', fontsize=10)
     steps = ListedColormap(colors)                              # the colour bar says which colour is which layer
     norm = BoundaryNorm(np.arange(len(track) + 1) - 0.5, len(track))
     bar = cax.figure.colorbar(cm.ScalarMappable(norm, steps), cax=cax)

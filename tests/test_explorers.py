@@ -274,6 +274,10 @@ def test_figures_fit_a_column_keep_the_image_shape_and_say_random_weights(models
             x0, y0, w, h = ax.get_position().bounds
             assert h * H / (w * W) == pytest.approx(aspect, rel=1e-6), family
             assert ax.title.get_fontsize() >= 9, family                # readable at 100 % zoom
+        right = ex.fig.bbox.x1
+        for t in [*ex.fig.texts, *(ax.title for ax in panels)]:          # no title or banner cut off at an edge
+            box = t.get_window_extent()
+            assert box.x0 >= 0 and box.x1 <= right, (family, t.get_text(), box, right)
         texts = [t.get_text() for t in ex.fig.texts]
         assert any('random weights' in t for t in texts), (family, texts)
         bars = [ax for ax in ex.fig.axes if hasattr(ax, '_colorbar')]
