@@ -28,6 +28,7 @@ TEXT_BAD = {
     '--pretrained-backbone': ['{tmp}/missing.pth', '{tmp}/a_file', '{tmp}/resnet34.pth'],   # missing, garbage, another ResNet
     '--resume': ['{tmp}/missing.pt', '{tmp}/a_file'],
     '--init': ['{tmp}/missing.pt', '{tmp}/a_file', 'no-such-model'],
+    '--onnx': ['{tmp}/missing.onnx', '{tmp}/a_file'],
     '--out': ['{tmp}/a_file', '{tmp}/a_file/below'],
     'evaluate --out': ['{tmp}/empty', '{tmp}/a_file/m.json'],          # there --out names the metrics file
     '--preset': ['bogus'],

@@ -126,13 +126,15 @@ def test_choice_is_deterministic_nested_and_category_aware(sample):
     both = choose_images(val, 4, categories=['dog', 'cat'])
     assert all(any(x['image_id'] == i and x['category_id'] in (17, 18) for x in val['annotations']) for i in both)
     with pytest.raises(CocoSubsetError, match='unknown category'): choose_images(val, 1, categories=['unicorn'])
-    with pytest.raises(CocoSubsetError, match=f'only {len(dog_images)} qualify'): choose_images(val, 1000, categories=['dog'])
+    with pytest.raises(CocoSubsetError, match=f'only {len(dog_images)} qualify'):
+        choose_images(val, 1000, categories=['dog'])
 
 
 def test_train_split_and_annotations_from_a_local_file(root, sample, coco_sample, tmp_path):
     out = tmp_path/'coco'
     with LocalFileServer(root) as srv:
-        ann = make_coco_subset(out, 'train2017', 4, seed=1, annotations=coco_sample/'annotations'/'instances_train2017.json',
+        ann = make_coco_subset(out, 'train2017', 4, seed=1,
+                               annotations=coco_sample/'annotations'/'instances_train2017.json',
                                images_url=srv.url, progress=False)
         assert all(e['path'].startswith('/train2017/') for e in srv.log)    # no archive download
     d = json.loads(ann.read_text())
@@ -166,7 +168,8 @@ def test_damaged_archive_member_is_detected(root, tmp_path):
 def test_command(root, sample, tmp_path, capsys):
     with LocalFileServer(root) as srv:
         argv = ['--split', 'val2017', '-n', '3', '--categories', 'person', '--seed', '2', '--out', str(tmp_path/'coco'),
-                '--annotations-url', srv.url + ARCHIVE, '--images-url', srv.url, '--cache-dir', str(tmp_path/'c'), '--no-progress']
+                '--annotations-url', srv.url + ARCHIVE, '--images-url', srv.url, '--cache-dir', str(tmp_path/'c'),
+                '--no-progress']
         assert main_coco_subset(argv) == 0
         assert '3 images' in capsys.readouterr().out
         assert main_coco_subset(argv[:5] + ['unicorn'] + argv[6:]) == 2            # a bad input: exit status 2
@@ -176,8 +179,10 @@ def test_command(root, sample, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['-n', '0'], "argument -n/--num-images: '0' is not an integer >= 1"), (['-n', 'many'], "'many' is not an integer >= 1"),
-    (['--seed', '-1'], "argument --seed: '-1' is not an integer >= 0"), (['--workers', '0'], "'0' is not an integer >= 1"),
+    (['-n', '0'], "argument -n/--num-images: '0' is not an integer >= 1"),
+    (['-n', 'many'], "'many' is not an integer >= 1"),
+    (['--seed', '-1'], "argument --seed: '-1' is not an integer >= 0"),
+    (['--workers', '0'], "'0' is not an integer >= 1"),
     (['--retries', '-2'], "'-2' is not an integer >= 0"), (['--split', 'test2017'], "invalid choice: 'test2017'"),
     (['--annotations', '{tmp}/missing.json'], 'missing.json: file not found'),
     (['--annotations', '{tmp}/bad.json'], 'neither the annotation archive (zip) nor an instances JSON'),

@@ -299,7 +299,8 @@ def test_images_too_small_for_the_model_are_one_line(tmp_path, capsys):
     "Deformable DETR's coarsest level (stride 64) of a 64-pixel image is one pixel: its GroupNorm cannot work on it."
     from detr_explained.cli import main
     data = make_synthetic(tmp_path/'syn', n_train=2, n_val=1, size=64)
-    code = main([str(a) for a in ['train', '--data', data, '--family', 'deformable_detr', '--preset', 'tiny', '--batch-size', 1,
-                                  '--max-steps', 1, '--out', tmp_path/'run', '--quiet']])
+    argv = ['train', '--data', data, '--family', 'deformable_detr', '--preset', 'tiny', '--batch-size', 1, '--max-steps', 1,
+            '--out', tmp_path/'run', '--quiet']
+    code = main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and 'too small for the model' in err and '--image-size' in err and len(err.splitlines()) == 1, err

@@ -6,7 +6,6 @@ checkpoint write, Ctrl-C during a save, a read-only folder, a full disk (a 1 MB 
 machine lets us mount one, else a simulated ENOSPC), a byte flipped in a checkpoint, a run that
 is resumed after it finished.
 """
-import errno
 import json
 import os
 import signal
@@ -34,15 +33,20 @@ def train_argv(data, out, *extra):
     return ['train', '--data', str(data), '--preset', 'tiny', '--out', str(out), '--quiet', *map(str, extra)]
 
 
+def child_code(argv, prelude: str) -> str:
+    "Python for a child process: `prelude`, then the command line's main(argv)."
+    return textwrap.dedent(prelude) + f'\nimport sys\nfrom detr_explained.cli import main\nsys.exit(main({list(map(str, argv))!r}))\n'
+
+
 def run(argv, prelude: str = '', timeout=300, **kw) -> subprocess.CompletedProcess:
     "`detr-explained ARGV` in a new process; `prelude` is Python run first (to slow down or break something)."
-    code = textwrap.dedent(prelude) + f'\nimport sys\nfrom detr_explained.cli import main\nsys.exit(main({list(map(str, argv))!r}))\n'
-    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=timeout, env=CHILD_ENV, **kw)
+    return subprocess.run([sys.executable, '-c', child_code(argv, prelude)], capture_output=True, text=True, timeout=timeout,
+                          env=CHILD_ENV, **kw)
 
 
 def start(argv, prelude: str = '') -> subprocess.Popen:
-    code = textwrap.dedent(prelude) + f'\nimport sys\nfrom detr_explained.cli import main\nsys.exit(main({list(map(str, argv))!r}))\n'
-    return subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+    return subprocess.Popen([sys.executable, '-c', child_code(argv, prelude)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=CHILD_ENV)
 
 
 def one_line_error(p: subprocess.CompletedProcess, code=2) -> str:
@@ -94,7 +98,8 @@ def test_train_into_a_run_folder_refuses_unless_resume_or_overwrite(data, tmp_pa
     assert run(train_argv(data, out, '--max-steps', 3, '--resume')).returncode == 0
     assert checkpoint_step(out/'checkpoint.pt') == 3
     assert run(train_argv(data, out, '--max-steps', 1, '--overwrite')).returncode == 0
-    assert checkpoint_step(out/'checkpoint.pt') == 1 and json.loads(records(out)[0])['global_step'] == 1
+    steps = [json.loads(r)['global_step'] for r in records(out) if 'loss' in json.loads(r)]
+    assert checkpoint_step(out/'checkpoint.pt') == 1 and steps == [1]             # the old run's records are gone
 
 
 def test_a_finished_run_resumed_adds_no_records(data, tmp_path):
@@ -112,7 +117,8 @@ def test_a_second_training_on_the_same_folder_is_stopped_and_a_killed_one_taken_
     out = tmp_path/'run'
     first = start(train_argv(data, out, '--epochs', 50), prelude=SLOW_SAVE.replace('DELAY = 30', 'DELAY = 0.3'))
     try:
-        wait_for(lambda: (out/'.lock').exists() and (out/'.lock').read_text().strip(), what='the first run to take the lock')
+        wait_for(lambda: (out/'.lock').exists() and (out/'.lock').read_text().strip(),
+                 what='the first run to take the lock')
         err = one_line_error(run(train_argv(data, out, '--epochs', 50, '--resume')))
         assert f'another training is writing this run folder (pid {first.pid} on' in err
         os.kill(first.pid, signal.SIGKILL); first.wait()
@@ -163,7 +169,8 @@ def test_ctrl_c_during_a_save_finishes_it_and_exits_cleanly(data, tmp_path):
 def _mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0: return False
-    return subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True).returncode == 0
+    mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True)
+    return mount.returncode == 0
 
 
 def _umount(path: Path): subprocess.run(['umount', str(path)], capture_output=True)
