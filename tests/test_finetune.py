@@ -146,3 +146,30 @@ def test_cli_train_init_freeze_and_resume(shapes, tmp_path, capsys):
     assert main(base + ['--out', str(tmp_path / 'ft'), '--resume', '--max-steps', '3']) == 0            # freeze kept on resume
     again = load_training_checkpoint(tmp_path / 'ft' / 'checkpoint.pt')
     assert again['global_step'] == 3 and all(torch.equal(again['model'][k], src['model'][k]) for k in enc)
+
+
+def test_finetuning_a_course_model_beats_scratch_at_equal_steps(tmp_path):
+    "A new class list (two names known, two new): 40 steps from the Deformable DETR course model vs 40 from scratch."
+    from detr_explained.course import course_model_names
+    from detr_explained.evaluate import evaluate_dataset
+    from detr_explained.train import datasets_from_folder, model_config, train_config
+    if 'deformable_detr' not in course_model_names(): pytest.skip('the Deformable DETR course model is not built')
+    data = make_synthetic(tmp_path / 'data', n_train=40, n_val=20, size=128, seed=11)
+    relabel = {2: (1, 'rectangle'), 3: (2, 'triangle'), 1: (3, 'blob'), 4: (4, 'plus')}
+    for split in ('train', 'val'):
+        p = data / 'annotations' / f'instances_{split}.json'
+        d = json.loads(p.read_text())
+        d['categories'] = [{'id': n, 'name': name} for n, name in sorted(relabel.values())]
+        for a in d['annotations']: a['category_id'] = relabel[a['category_id']][0]
+        p.write_text(json.dumps(d))
+    run = {'max_steps': 40, 'eval_every': 0, 'epoch_checkpoints': False, 'checkpoint_every': 0}
+    ft, _ = init_trainer('deformable_detr', data, tmp_path / 'ft', lambda f: (run, {}), preset='demo', progress=False)
+    tcfg = train_config('demo', family='deformable_detr', **run)
+    train, val = datasets_from_folder(data, tcfg)
+    scratch = Trainer(tcfg, model_config('deformable_detr', 'demo', num_classes=train.num_classes), train, tmp_path / 's', progress=False)
+    aps = {}
+    for name, t in (('finetune', ft), ('scratch', scratch)):
+        t.fit()
+        aps[name] = evaluate_dataset(t.model, t.postprocess, val, progress=False)['AP']
+    print(aps)
+    assert aps['finetune'] > aps['scratch'] + 0.05, aps
