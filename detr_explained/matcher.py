@@ -82,10 +82,10 @@ def full_batch_match(outputs: dict, # pred_logits (B, Q, K), pred_boxes (B, Q, 4
 # %% ../nbs/07_matcher.ipynb #18a7b3a6
 def pad_targets(targets: list[dict], # per image: labels (T_i,) int64, boxes (T_i, 4)
                 like: Tensor,        # a tensor whose device and float dtype the boxes take
-               ) -> tuple[Tensor, Tensor, list[int]]: # labels (B, T_max), boxes (B, T_max, 4), sizes [T_i]
+               ) -> tuple[Tensor, Tensor, list[int]]: # labels (B, T), boxes (B, T, 4) padded to T = max T_i, sizes [T_i]
     "Stack the targets of a batch, padded to the largest T with label 0 and the box (0.5, 0.5, 0.5, 0.5)."
-    labels = pad_sequence([t['labels'] for t in targets], batch_first=True, padding_value=0)       # (B, T_max)
-    boxes = pad_sequence([t['boxes'] for t in targets], batch_first=True, padding_value=0.5)       # (B, T_max, 4)
+    labels = pad_sequence([t['labels'] for t in targets], batch_first=True, padding_value=0)       # (B, T), T = max T_i
+    boxes = pad_sequence([t['boxes'] for t in targets], batch_first=True, padding_value=0.5)       # (B, T, 4)
     return labels.to(like.device), boxes.to(like), [len(t['labels']) for t in targets]
 
 # %% ../nbs/07_matcher.ipynb #8011659e
@@ -106,7 +106,7 @@ class HungarianMatcher(nn.Module):
         return softmax_class_cost(logits, labels)
 
     @torch.no_grad()
-    def padded_cost(self, outputs: dict, targets: list[dict]) -> tuple[Tensor, list[int]]: # (B, Q, T_max) on CPU, [T_i]
+    def padded_cost(self, outputs: dict, targets: list[dict]) -> tuple[Tensor, list[int]]: # (B, Q, T) on CPU (T = max T_i), [T_i]
         "The cost of every query of image i for the (padded) targets of image i, in one pass."
         logits, boxes = (outputs[k] for k in ('pred_logits', 'pred_boxes'))          # (B, Q, K), (B, Q, 4)
         logits, boxes = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (logits, boxes))  # half -> float32
