@@ -96,7 +96,12 @@ def _add_train_options(p: argparse.ArgumentParser):
     r.add_argument('--eval-every', type=NON_NEGATIVE, help='evaluate on the val split every N epochs (0: never)')
     r.add_argument('--max-steps', type=COUNT, help='stop after N steps in all')
     r.add_argument('--time-limit', type=POSITIVE, metavar='MINUTES', help='stop after this many minutes')
-    _add_common(r)
+    _add_common(r); _add_speed(r)
+
+def _add_speed(p):
+    "--amp and --compile (train, evaluate, predict)."
+    p.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision: the model under autocast (the matcher and losses stay float32)')
+    p.add_argument('--compile', action='store_true', default=None, help='torch.compile the model (the first steps compile it)')
 
 def _add_common(p):
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
@@ -176,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--split', default='val', help="split to evaluate (default 'val')")
     p.add_argument('--out', help='metrics JSON to write (default: metrics_<split>.json beside the checkpoint)')
     p.add_argument('--batch-size', type=COUNT, default=8, help='images per batch (default 8)')
-    _add_common(p)
+    _add_common(p); _add_speed(p)
     p = sub.add_parser('predict', help='detect objects in image files', description='Draw detections on images (PNG) and write detections.json.')
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--checkpoint', help='checkpoint.pt written by train')
@@ -184,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('images', nargs='+', help='image files')
     p.add_argument('--out', default='predictions', help='output folder (default predictions/)')
     p.add_argument('--threshold', type=_score, default=0.5, help='keep detections with at least this score (default 0.5)')
-    _add_common(p)
+    _add_common(p); _add_speed(p)
     for name, (_, help_) in DELEGATED.items():         # their own parsers live in hub / coco_subset (imported only when used)
         p = sub.add_parser(name, help=help_, add_help=False)
         p.add_argument('rest', nargs=argparse.REMAINDER)
@@ -200,7 +205,7 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 # %% ../nbs/24_cli.ipynb #64330678
-_RUN_TRAIN = ('checkpoint_every', 'eval_every', 'max_steps', 'time_limit', 'device')   # may change on resume
+_RUN_TRAIN = ('checkpoint_every', 'eval_every', 'max_steps', 'time_limit', 'device', 'amp', 'compile')   # may change on resume
 _RUN_MODEL = ('epochs',)
 
 def _given(args, names) -> dict:
@@ -251,7 +256,7 @@ def make_trainer(args, out: Path, progress: bool):
         train_ds, val_ds = datasets_from_folder(args.data, tcfg)
         cfg = model_config(family, preset, **{'num_classes': train_ds.num_classes, **m})
         _check_pretrained(cfg)
-        ev = coco_evaluator(val_ds, device=tcfg.device) if val_ds is not None else None
+        ev = coco_evaluator(val_ds, device=tcfg.device, amp=tcfg.amp, compile=tcfg.compile) if val_ds is not None else None
         overwrite = args.overwrite or args.resume == 'auto'      # --resume without a checkpoint: the run never saved one
         return Trainer(tcfg, cfg, train_ds, out, ev, progress, overwrite=overwrite), 'new run'
     if args.overwrite: raise TrainingError("--resume and --overwrite exclude each other: continue the run, or replace it")
@@ -264,7 +269,7 @@ def make_trainer(args, out: Path, progress: bool):
     _check_same(ckpt['model_config'], {k: v for k, v in m.items() if k not in _RUN_MODEL}, path, 'model field')
     tcfg = replace(TrainConfig(**ckpt['train_config']), **{k: v for k, v in t.items() if k in _RUN_TRAIN})
     train_ds, val_ds = datasets_from_folder(args.data, tcfg)
-    ev = coco_evaluator(val_ds, device=tcfg.device) if val_ds is not None else None
+    ev = coco_evaluator(val_ds, device=tcfg.device, amp=tcfg.amp, compile=tcfg.compile) if val_ds is not None else None
     trainer = trainer_from_checkpoint(path, train_ds, out, evaluate_fn=ev, progress=progress,
                                       train_changes={k: v for k, v in t.items() if k in _RUN_TRAIN},
                                       model_changes={k: v for k, v in m.items() if k in _RUN_MODEL})
@@ -347,7 +352,7 @@ def evaluate_official(args) -> int:
     info = model.checkpoint_info
     ds = CocoDetection(*find_split(args.data, args.split), make_coco_transforms('val', 800))   # labels are COCO ids
     m = evaluate_dataset(model, official.official_postprocess(info.family, info.args), ds, batch_size=1,
-                         device=args.device, progress=not args.quiet)
+                         device=args.device, progress=not args.quiet, amp=args.amp, compile=bool(args.compile))
     out = Path(args.out) if args.out else Path('runs')/f'{Path(str(args.official)).stem}_{args.split}.json'
     atomic_write_json(out, {**m, 'official': str(args.official), 'family': info.family, 'annotations': str(ds.ann_file)})
     print(m['table'])
@@ -368,7 +373,8 @@ def cmd_evaluate(args) -> int:
     ds = CocoDetection(*find_split(args.data, args.split), make_coco_transforms('val', ckpt['train_config']['image_size']),
                        remap_categories=ckpt['classes'].get('remap', False))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent/f'metrics_{args.split}.json'
-    m = evaluate_checkpoint(args.checkpoint, ds, out, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    m = evaluate_checkpoint(args.checkpoint, ds, out, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                            amp=args.amp, compile=bool(args.compile))
     print(m['table'])
     aps = {n: v['AP'] for n, v in m['per_class'].items() if v['AP'] is not None}
     if aps: print('AP per class: ' + ', '.join(f'{n} {v:.3f}' for n, v in sorted(aps.items(), key=lambda kv: -kv[1])))
@@ -382,7 +388,7 @@ def cmd_predict(args) -> int:
         from detr_explained.export import predict_files_onnx
         records = predict_files_onnx(args.onnx, args.images, args.out, args.threshold, args.threads)
     else: records = predict_files(args.checkpoint, args.images, args.out, args.threshold, args.device,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, amp=args.amp, compile=bool(args.compile))
     for r in records:
         if 'error' in r: print(f"detr-explained predict: error: {r['error']}", file=sys.stderr); continue
         found = ', '.join(f"{d['label']} {d['score']:.2f}" for d in r['detections']) or 'nothing'

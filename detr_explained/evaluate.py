@@ -20,7 +20,7 @@ from .core import atomic_write_bytes, atomic_write_json
 from .box_ops import box_xyxy_to_cxcywh
 from .data import (CocoDetection, DatasetError, _coco_index, _number_annotations, coco_target, collate_fn, draw_boxes, load_rgb,
                                  make_coco_transforms, make_loader)
-from .train import TrainingError, _forward, model_from_checkpoint
+from .train import TrainingError, _forward, autocast, compiled, float32_outputs, model_from_checkpoint
 
 # %% auto #0
 __all__ = ['STAT_NAMES', 'predict', 'to_coco_results', 'coco_evaluate', 'per_class_ap', 'evaluate_dataset', 'coco_evaluator',
@@ -33,9 +33,11 @@ STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100',
 @torch.no_grad()
 def predict(model: nn.Module, postprocess: nn.Module, tensors: Tensor, mask: Tensor,
             orig_sizes: Tensor, # (B, 2) (h, w) of the images as read from disk
+            amp: str|None=None, # 'bf16' or 'fp16': the model under autocast (`train.autocast`); post-processing in float32
            ) -> list[dict]: # per image {'scores' (N,), 'labels' (N,), 'boxes' (N, 4) absolute xyxy}
     "Run the model and its post-processor on a padded batch."
-    return postprocess(_forward(model, tensors, mask), orig_sizes)   # images too small for the model: a TrainingError
+    with autocast(tensors.device.type, amp): outputs = _forward(model, tensors, mask)   # too small images: a TrainingError
+    return postprocess(float32_outputs(outputs), orig_sizes)
 
 def to_coco_results(results: list[dict], image_ids: Sequence[int], label_to_cat: dict[int, int]) -> list[dict]:
     "Post-processed detections -> COCO result records; labels without a category (e.g. COCO's unused ids) are skipped."
@@ -79,20 +81,25 @@ def per_class_ap(E: COCOeval, coco_gt: COCO) -> dict[str, dict]:
 def evaluate_dataset(model: nn.Module, postprocess: nn.Module, dataset: CocoDetection, batch_size: int=8,
                      device: str='cpu', progress: bool=True,
                      label_to_cat: dict|None=None, # the model's label -> category id (default: the dataset's)
+                     amp: str|None=None, # 'bf16' or 'fp16': the model under autocast
+                     compile: bool=False, # torch.compile the model (the first batch compiles it)
                     ) -> dict:
     "COCO box AP of `model` on `dataset` (in eval mode, without gradients)."
     label_to_cat = dataset.label_to_cat if label_to_cat is None else label_to_cat
     was_training = model.training; model.eval()
-    detections = []
-    for tensors, mask, targets in tqdm(make_loader(dataset, batch_size, train=False), desc='evaluate', disable=not progress, leave=False):
-        results = predict(model, postprocess, tensors.to(device), mask.to(device), torch.stack([t['orig_size'] for t in targets]).to(device))
+    detections, forward = [], compiled(model, compile)
+    desc = 'evaluate (torch.compile: the first batch compiles the model)' if compile else 'evaluate'
+    for tensors, mask, targets in tqdm(make_loader(dataset, batch_size, train=False), desc=desc, disable=not progress, leave=False):
+        results = predict(forward, postprocess, tensors.to(device), mask.to(device), torch.stack([t['orig_size'] for t in targets]).to(device), amp)
         detections += to_coco_results([{k: v.cpu() for k, v in r.items()} for r in results], [int(t['image_id']) for t in targets], label_to_cat)
     model.train(was_training)
     return {**coco_evaluate(dataset.coco, detections), 'num_images': len(dataset)}
 
-def coco_evaluator(dataset: CocoDetection, batch_size: int=8, device: str='cpu', progress: bool=False) -> Callable:
+def coco_evaluator(dataset: CocoDetection, batch_size: int=8, device: str='cpu', progress: bool=False,
+                   amp: str|None=None, compile: bool=False) -> Callable:
     "An `evaluate_fn(model, postprocess) -> metrics` for `train.Trainer`."
-    return lambda model, postprocess: evaluate_dataset(model, postprocess, dataset, batch_size, device, progress)
+    return lambda model, postprocess: evaluate_dataset(model, postprocess, dataset, batch_size, device, progress,
+                                                       amp=amp, compile=compile)
 
 # %% ../nbs/23_evaluate.ipynb #3c39fba4
 def check_classes(ckpt: dict, dataset: CocoDetection, path) -> dict[int, int]:
@@ -108,23 +115,25 @@ def check_classes(ckpt: dict, dataset: CocoDetection, path) -> dict[int, int]:
     return theirs
 
 def evaluate_checkpoint(checkpoint: Path|str, dataset: CocoDetection, out: Path|str|None=None, batch_size: int=8,
-                        device: str='cpu', progress: bool=True) -> dict:
+                        device: str='cpu', progress: bool=True,
+                        amp: str|None=None, compile: bool=False) -> dict: # --amp, --compile (see `evaluate_dataset`)
     "Evaluate a training checkpoint on a dataset; write the metrics JSON to `out` if given."
     model, postprocess, ckpt = model_from_checkpoint(checkpoint, device)
     label_to_cat = check_classes(ckpt, dataset, checkpoint)
-    m = evaluate_dataset(model, postprocess, dataset, batch_size, device, progress, label_to_cat)
+    m = evaluate_dataset(model, postprocess, dataset, batch_size, device, progress, label_to_cat, amp=amp, compile=compile)
     m.update(checkpoint=str(checkpoint), family=ckpt['family'], global_step=ckpt['global_step'],
              annotations=str(dataset.ann_file), image_size=ckpt['train_config']['image_size'])
     if out is not None: atomic_write_json(out, m)
     return m
 
 # %% ../nbs/23_evaluate.ipynb #bb28b2e4
-def predict_image(model: nn.Module, postprocess: nn.Module, image, image_size: int, device: str='cpu') -> dict:
+def predict_image(model: nn.Module, postprocess: nn.Module, image, image_size: int, device: str='cpu',
+                  amp: str|None=None) -> dict: # amp: 'bf16' or 'fp16', the model under autocast
     "Detections {'scores', 'labels', 'boxes' (absolute xyxy)} for one PIL image."
     tf = make_coco_transforms('val', image_size)
     x, _ = tf(image, coco_target([], 0, image.width, image.height, {}))
     tensors, mask = x[None].to(device), torch.zeros(1, *x.shape[-2:], dtype=torch.bool, device=device)
-    r = predict(model.eval(), postprocess, tensors, mask, torch.tensor([[image.height, image.width]], device=device))[0]
+    r = predict(model.eval(), postprocess, tensors, mask, torch.tensor([[image.height, image.width]], device=device), amp)[0]
     return {k: v.cpu() for k, v in r.items()}
 
 def draw_detections(image, det: dict, names: dict, threshold: float=0.5, ax=None, title: str=''):
@@ -150,16 +159,18 @@ def drawing_names(files: Sequence[Path]) -> list[str]:
     return names
 
 def predict_files(checkpoint: Path|str, files: Sequence[Path|str], out_dir: Path|str, threshold: float=0.5,
-                  device: str='cpu', progress: bool=True) -> list[dict]:
+                  device: str='cpu', progress: bool=True,
+                  amp: str|None=None, compile: bool=False) -> list[dict]: # --amp, --compile (see `evaluate_dataset`)
     "Predict on image files: out_dir/<name>.png with boxes drawn, and out_dir/detections.json (unreadable files: an 'error')."
     model, postprocess, ckpt = model_from_checkpoint(checkpoint, device)
+    model = compiled(model, compile)
     names = {int(k): v for k, v in ckpt['classes']['names'].items()}
     label_to_cat = {int(k): v for k, v in ckpt['classes']['label_to_cat'].items()}
     out_dir, records, files = Path(out_dir), [], [Path(f) for f in files]
-    for f, drawing in tqdm(list(zip(files, drawing_names(files))), desc='predict', disable=not progress, leave=False):
+    for f, drawing in tqdm(list(zip(files, drawing_names(files))), desc='predict (torch.compile: the first image compiles the model)' if compile else 'predict', disable=not progress, leave=False):
         try:
             image = load_rgb(f)
-            det = predict_image(model, postprocess, image, ckpt['train_config']['image_size'], device)
+            det = predict_image(model, postprocess, image, ckpt['train_config']['image_size'], device, amp)
         except (DatasetError, TrainingError) as e: records.append({'file': str(f), 'error': f'{f}: {e}' if str(f) not in str(e) else str(e), 'detections': []}); continue
         keep = det['scores'] >= threshold
         records.append({'file': str(f), 'drawing': drawing, 'width': image.width, 'height': image.height, 'detections': [

@@ -24,12 +24,13 @@ from .family import ConfigError, TRAIN_PRESET_NAMES, get_family
 from .official import CheckpointError, load_checkpoint, load_weights   # official: every family registered
 
 # %% auto #0
-__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'FREEZE', 'RESUMABLE', 'TrainingError', 'model_config', 'parse_overrides',
-           'TrainConfig', 'train_config', 'check_settings', 'unfreeze_norms', 'adapt_backbone', 'param_groups',
-           'build_optimizer', 'NonFiniteLoss', 'NonFiniteWeights', 'weighted_loss', 'train_step', 'rng_state',
-           'set_rng_state', 'tensor_checksum', 'load_training_checkpoint', 'check_compatible', 'MetricsLog',
-           'freeze_parts', 'Trainer', 'RunLock', 'plot_curves', 'datasets_from_folder', 'config_from_dict',
-           'model_from_checkpoint', 'trainer_from_checkpoint']
+__all__ = ['PRESETS', 'AMP_DTYPES', 'CHECKPOINT_FORMAT', 'FREEZE', 'RESUMABLE', 'TrainingError', 'model_config',
+           'parse_overrides', 'TrainConfig', 'train_config', 'check_settings', 'unfreeze_norms', 'adapt_backbone',
+           'param_groups', 'build_optimizer', 'NonFiniteLoss', 'NonFiniteWeights', 'weighted_loss', 'train_step',
+           'autocast', 'float32_outputs', 'grad_scaler', 'compiled', 'rng_state', 'set_rng_state', 'tensor_checksum',
+           'load_training_checkpoint', 'check_compatible', 'MetricsLog', 'freeze_parts', 'Trainer', 'RunLock',
+           'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
+           'trainer_from_checkpoint']
 
 # %% ../nbs/22_train.ipynb #28ef3130
 class TrainingError(RuntimeError):
@@ -39,7 +40,8 @@ class TrainingError(RuntimeError):
 PRESETS: dict[str, dict] = {   # TrainConfig changes; the model changes are the family's (Family.train_presets)
     'official': {},
     'small': dict(image_size=320, augment='multiscale', train_stem=True, trainable_norm=True, checkpoint_every=200),
-    'demo': dict(image_size=128, augment='flip', train_stem=True, trainable_norm=True, checkpoint_every=100),
+    'demo': dict(image_size=128, augment='flip', train_stem=True, trainable_norm=True, checkpoint_every=100,
+                 eval_every=3),
     'tiny': dict(image_size=64, augment='flip', checkpoint_every=1),
 }
 assert set(PRESETS) == set(TRAIN_PRESET_NAMES)
@@ -97,6 +99,8 @@ class TrainConfig:
     device: str = 'cpu'
     freeze: str|None = None          # 'backbone' or 'encoder' (backbone, input projection, encoder): kept as loaded (fine-tuning)
     init: str|None = None            # the checkpoint or course model the weights started from (None: from scratch; 27_finetune)
+    amp: str|None = None             # 'bf16' or 'fp16': the model's forward under autocast (matcher and losses in float32); None: float32
+    compile: bool = False            # torch.compile the model (the first steps compile it: slow)
 
 def train_config(preset: str='official', **overrides) -> TrainConfig:
     "The preset's TrainConfig with `overrides`."
@@ -124,6 +128,8 @@ _RULES = {  # field -> (test, what it must be); checked where the config has the
     'seed': (lambda v: _int(v) and 0 <= v < 2**63, 'an integer in [0, 2**63)'),
     'max_steps': (lambda v: v is None or (_int(v) and v >= 1), 'an integer >= 1 (or None)'),
     'time_limit': (lambda v: v is None or (_finite(v) and v > 0), 'a finite number of minutes > 0 (or None)'),
+    'amp': (lambda v: v in (None, 'bf16', 'fp16'), "'bf16', 'fp16' or None"),
+    'compile': (lambda v: isinstance(v, bool), 'True or False'),
 }
 
 def check_settings(*configs):
@@ -207,11 +213,15 @@ def _forward(model: nn.Module, tensors: Tensor, mask: Tensor) -> dict:
                             "Use a larger --image-size") from None
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple,
-               clip_max_norm: float, device: str='cpu') -> dict[str, float]:
+               clip_max_norm: float, device: str='cpu',
+               amp: str|None=None, # 'bf16' or 'fp16': the forward under autocast; matcher and losses in float32
+               scaler: torch.amp.GradScaler|None=None, # fp16 on CUDA: `grad_scaler(device, amp)`
+              ) -> dict[str, float]:
     "One optimiser step on a (tensors, mask, targets) batch; returns the logged loss values."
     tensors, mask, targets = batch
     targets = [{k: t[k].to(device) for k in ('boxes', 'labels')} for t in targets]
-    outputs = _forward(model, tensors.to(device), mask.to(device))
+    with autocast(device, amp): outputs = _forward(model, tensors.to(device), mask.to(device))
+    outputs = float32_outputs(outputs)            # the Hungarian matcher and the losses in float32
     if bad := _non_finite_outputs(outputs):       # before the matcher's box checks see them
         raise NonFiniteLoss(f"the model's predictions are not finite ({', '.join(bad[:3])} hold nan or inf): the weights diverged")
     loss_dict = criterion(outputs, targets)
@@ -220,12 +230,39 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
     if not math.isfinite(logged['loss']):
         raise NonFiniteLoss(f"the loss is {logged['loss']} ({', '.join(f'{k} {v:.4g}' for k, v in logged.items() if k != 'loss')})")
     optimizer.zero_grad()
-    loss.backward()
+    scaling = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaling else loss).backward()
+    if scaling: scaler.unscale_(optimizer)        # clip the true gradients
     if clip_max_norm > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-    optimizer.step()
+    if scaling: scaler.step(optimizer); scaler.update()   # skips the step if a scaled gradient overflowed
+    else: optimizer.step()
     if any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise NonFiniteWeights(f"the update made some weights nan or inf (loss {logged['loss']:.4g} before it)")
     return logged
+
+# %% ../nbs/22_train.ipynb #a3b7c002
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+def autocast(device: str, amp: str|None) -> contextlib.AbstractContextManager:
+    "The model's forward in mixed precision: `torch.autocast` to bf16 or fp16 on `device`'s type; nothing for amp=None."
+    if amp is None: return contextlib.nullcontext()
+    if amp not in AMP_DTYPES: raise ConfigError(f"amp is {amp!r}; expected one of {', '.join(AMP_DTYPES)} (or None)")
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+def float32_outputs(outputs):
+    "The model's outputs (nested dicts and lists too) in float32: the matcher and the losses never see bf16 or fp16."
+    if torch.is_tensor(outputs): return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict): return {k: float32_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)): return type(outputs)(float32_outputs(v) for v in outputs)
+    return outputs
+
+def grad_scaler(device: str, amp: str|None) -> torch.amp.GradScaler:
+    "Loss scaling for fp16 on CUDA (small fp16 gradients would flush to zero); disabled otherwise (bf16 has float32's range)."
+    return torch.amp.GradScaler('cuda', enabled=amp == 'fp16' and torch.device(device).type == 'cuda')
+
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    "`torch.compile(model)` (its first calls compile: slow), or `model` itself."
+    return torch.compile(model) if enabled else model
 
 # %% ../nbs/22_train.ipynb #e7e8ab09
 CHECKPOINT_FORMAT = 'detr_explained/checkpoint/v1'
@@ -344,6 +381,8 @@ class Trainer:
         self.model = freeze_parts(adapt_backbone(fam.build_model(cfg), tcfg.train_stem, tcfg.trainable_norm), tcfg.freeze).to(tcfg.device)
         self.criterion, self.postprocess = fam.build_criterion(cfg).to(tcfg.device), fam.build_postprocess(cfg)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
+        self.scaler, self.compiled_model = grad_scaler(tcfg.device, tcfg.amp), compiled(self.model, tcfg.compile)
+        self.warm = not tcfg.compile                                         # False until the compiled model has run once
         train_ds.seed = tcfg.seed
         self.loader = make_loader(train_ds, cfg.batch_size, train=True, seed=tcfg.seed, num_workers=tcfg.num_workers)
         self.epoch, self.step, self.global_step, self.saved_step, self.last_eval, self.last_metrics = 0, 0, 0, None, None, None
@@ -354,7 +393,8 @@ class Trainer:
     def checkpoint_path(self) -> Path: return self.out/'checkpoint.pt'
 
     @property
-    def forward_model(self) -> nn.Module: return self.model      # what a training step calls (28_distributed: the DDP wrapper)
+    def forward_model(self) -> nn.Module:   # what a training step calls (28_distributed: the DDP wrapper)
+        return self.compiled_model if self.tcfg.compile else self.model
 
     def _lock(self) -> RunLock: return RunLock(self.out)           # the run folder's lock (28_distributed: rank 0's only)
 
@@ -450,8 +490,11 @@ def run_epoch(self: Trainer, t0: float) -> bool:
     recent = []
     for batch in self.loader:
         if self._should_stop(t0): break
-        try: losses = train_step(self.forward_model, self.criterion, self.optimizer, batch, self.cfg.clip_max_norm, self.tcfg.device)
+        if not self.warm: bar.set_postfix_str('torch.compile: compiling the model (the first steps are slow)', refresh=True)
+        try: losses = train_step(self.forward_model, self.criterion, self.optimizer, batch, self.cfg.clip_max_norm, self.tcfg.device,
+                                 self.tcfg.amp, self.scaler)
         except NonFiniteLoss as e: raise self._fail(e) from None
+        self.warm = True
         self.step += 1; self.global_step += 1
         with self._writing(self.log.path):
             self.log.append({'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step,
@@ -624,7 +667,8 @@ def model_from_checkpoint(path: Path|str, device: str='cpu') -> tuple[nn.Module,
     load_weights(model, ckpt['model'], path, _WEIGHTS_HINT)
     return model.to(device).eval(), fam.build_postprocess(cfg), ckpt
 
-RESUMABLE = {'train': ('checkpoint_every', 'eval_every', 'max_steps', 'time_limit', 'num_workers', 'device'), 'model': ('epochs',)}
+RESUMABLE = {'train': ('checkpoint_every', 'eval_every', 'max_steps', 'time_limit', 'num_workers', 'device', 'amp', 'compile'),
+             'model': ('epochs',)}
 
 def trainer_from_checkpoint(path: Path|str, train_ds: CocoDetection, out_dir: Path|str,
                             train_changes: dict|None=None, # changes to TrainConfig fields in RESUMABLE['train']

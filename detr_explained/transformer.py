@@ -11,8 +11,8 @@ from torch import nn, Tensor
 from .core import clones
 
 # %% auto #0
-__all__ = ['with_pos', 'get_activation', 'MLP', 'TransformerEncoderLayer', 'TransformerDecoderLayer', 'TransformerEncoder',
-           'TransformerDecoder', 'Transformer']
+__all__ = ['ATTENTION_IMPLS', 'with_pos', 'get_activation', 'MLP', 'TransformerEncoderLayer', 'TransformerDecoderLayer',
+           'TransformerEncoder', 'TransformerDecoder', 'Transformer', 'set_attention_impl']
 
 # %% ../nbs/05_transformer.ipynb #47acd3ce
 def with_pos(x: Tensor, pos: Tensor|None) -> Tensor:
@@ -43,6 +43,7 @@ class MLP(nn.Module):
 # %% ../nbs/05_transformer.ipynb #489f1604
 class TransformerEncoderLayer(nn.Module):
     "Self-attention over the HW image tokens, then an FFN; post-norm (DETR default) or pre-norm."
+    impl = 'fast'   # 'reference': attention weights computed as the official code asks (`set_attention_impl`)
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int=2048, dropout: float=0.1,
                  activation: str='relu', normalize_before: bool=False):
         super().__init__()
@@ -57,7 +58,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def self_attend(self, x, key_padding_mask, pos):  # q = k = x + pos, v = x; (HW, B, C)
         q = k = with_pos(x, pos)
-        return self.self_attn(q, k, value=x, key_padding_mask=key_padding_mask)[0]
+        return self.self_attn(q, k, value=x, key_padding_mask=key_padding_mask, need_weights=self.impl == 'reference')[0]
 
     def forward(self, src: Tensor, # (HW, B, C) image tokens
                 src_key_padding_mask: Tensor|None=None, # (B, HW) bool, True = padding
@@ -72,6 +73,7 @@ class TransformerEncoderLayer(nn.Module):
 # %% ../nbs/05_transformer.ipynb #90e6f82f
 class TransformerDecoderLayer(nn.Module):
     "Query self-attention, cross-attention to the image memory, FFN; post-norm or pre-norm."
+    impl = 'fast'   # 'reference': attention weights computed as the official code asks (`set_attention_impl`)
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int=2048, dropout: float=0.1,
                  activation: str='relu', normalize_before: bool=False):
         super().__init__()
@@ -88,12 +90,12 @@ class TransformerDecoderLayer(nn.Module):
 
     def self_attend(self, tgt, query_pos):  # q = k = tgt + query_pos, v = tgt; (Q, B, C)
         q = k = with_pos(tgt, query_pos)
-        return self.self_attn(q, k, value=tgt)[0]
+        return self.self_attn(q, k, value=tgt, need_weights=self.impl == 'reference')[0]
 
     def cross_attend(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
         # q = tgt + query_pos (Q, B, C); k = memory + pos, v = memory (HW, B, C)
         return self.multihead_attn(with_pos(tgt, query_pos), with_pos(memory, pos), value=memory,
-                                   key_padding_mask=memory_key_padding_mask)[0]
+                                   key_padding_mask=memory_key_padding_mask, need_weights=self.impl == 'reference')[0]
 
     def forward(self, tgt: Tensor, # (Q, B, C) decoder state
                 memory: Tensor, # (HW, B, C) encoder output
@@ -167,3 +169,13 @@ class Transformer(nn.Module):
         memory = self.encoder(src, mask, pos_embed)             # (HW, B, C)
         hs = self.decoder(tgt, memory, mask, pos_embed, query_pos)   # (N_dec, Q, B, C)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(B, C, H, W)  # (N_dec, B, Q, C), (HW, B, C) -> (B, C, H, W)
+
+# %% ../nbs/05_transformer.ipynb #a7f3c002
+ATTENTION_IMPLS = ('fast', 'reference')
+
+def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:
+    "Switch every DETR encoder/decoder layer inside `model` to fused attention ('fast') or the official call ('reference')."
+    if impl not in ATTENTION_IMPLS: raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, (TransformerEncoderLayer, TransformerDecoderLayer)): m.impl = impl
+    return model
