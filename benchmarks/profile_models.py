@@ -59,10 +59,11 @@ def profile_step(model, criterion, x, mask, targets, train=True) -> dict:
     r['other fwd (input_proj, heads, pos)'] = (t_fwd - t0) - sum(r.values())
     if train:
         r['matcher'] = f('matcher'); r['losses (without matcher)'] = (t_loss - t_fwd) - r['matcher']
-        g = lambda n: marks.get(f'{n} grad in', t_loss)
-        r['decoder + heads bwd'] = g('transformer.decoder') - t_loss if 'transformer.decoder grad in' in marks else float('nan')
-        r['encoder bwd'] = g('transformer.encoder') - g('transformer.decoder')
-        r['backbone bwd (+ input_proj)'] = t_end - g('transformer.encoder')
+        g = lambda n: marks[f'{n} grad in']          # the moment the part's output has its gradient: what is above it is done
+        r['losses + heads bwd'] = g('transformer.decoder') - t_loss
+        r['decoder bwd'] = g('transformer.encoder') - g('transformer.decoder')
+        r['encoder + input_proj bwd'] = g('backbone') - g('transformer.encoder')
+        r['backbone bwd'] = t_end - g('backbone')
     r['total'] = t_end - t0
     return r
 
