@@ -89,7 +89,7 @@ def _out_channels(stage: nn.Sequential) -> int:
 
 class Backbone(nn.Module):
     "Frozen-BN ResNet body returning layer4 (stride 32), or layer2/3/4 (strides 8/16/32) with their padding masks."
-    channels_last = True   # run the convolutions on an NHWC copy of the images (same values; faster oneDNN/cuDNN kernels)
+    channels_last = True   # inference: convolutions on an NHWC copy of the images (same values; faster oneDNN kernels)
     def __init__(self, name: str='resnet50', # 'resnet18', 'resnet34', 'resnet50' or 'resnet101'
                  train_backbone: bool=True, # train layer2-4 (official: lr_backbone > 0)
                  return_interm_layers: bool=False, # Deformable DETR: layer2, layer3, layer4
@@ -108,7 +108,8 @@ class Backbone(nn.Module):
     def forward(self, tensors: Tensor, # (B, 3, H, W)
                 mask: Tensor, # (B, H, W) bool, True on padding
                ) -> list[tuple[Tensor, Tensor]]: # per level: (B, C_l, H_l, W_l) features, (B, H_l, W_l) mask
-        if self.channels_last: tensors = tensors.contiguous(memory_format=torch.channels_last)   # values unchanged
+        if self.channels_last and not torch.is_grad_enabled():           # values unchanged; not in training (see below)
+            tensors = tensors.contiguous(memory_format=torch.channels_last)
         return [(f, downsample_mask(mask, f.shape[-2:])) for f in self.body(tensors).values()]
 
 # %% ../nbs/04_backbone.ipynb #a1e5e39a

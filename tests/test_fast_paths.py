@@ -108,9 +108,11 @@ def test_fast_path_does_not_ask_for_attention_weights():
 
 
 def test_channels_last_features():
+    "Inference runs the backbone in NHWC (channels-last), training in NCHW (its NHWC backward is slower on a CPU)."
     model, _ = small_model('deformable_detr')
     x, mask, _ = batch()
-    feats = model.backbone[0](x, mask)
+    with torch.no_grad(): feats = model.backbone[0](x, mask)
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f, _ in feats)
+    assert all(f.is_contiguous() for f, _ in model.backbone[0](x, mask))          # gradients enabled: NCHW
     model.backbone[0].channels_last = False
-    assert all(f.is_contiguous() for f, _ in model.backbone[0](x, mask))
+    with torch.no_grad(): assert all(f.is_contiguous() for f, _ in model.backbone[0](x, mask))
