@@ -204,7 +204,7 @@ def race_table(record: dict) -> str:
                     f"{c['cpu_s'][-1]:.0f} | {c['seeds']} |")
     return '\n'.join(rows)
 
-# %% ../nbs/26_race.ipynb #d5d705ce
+# %% ../nbs/26_race.ipynb #e82e4bca
 def main_race(argv: list[str]|None=None) -> int:
     "`detr-explained race`: run the race and write race.json, race.png and a table; returns the exit code."
     import argparse, sys
