@@ -26,7 +26,7 @@ demo: setup
 
 ## Every test: the library is in sync with the notebooks, every notebook runs once (as nbdev-test runs it,
 ## inside the docs build, which renders those executed notebooks), the site builds, then pytest.
-test: setup export-check docs-test pytest
+test: setup export-check lint docs-test pytest
 
 ## nbdev-export into a temporary copy of nbs/, pyproject.toml and the library, then diff with the library here:
 ## fails when nbdev-export fails or the committed library differs from the notebooks; the working tree is never written.
@@ -57,7 +57,9 @@ nbtest-slow: setup
 
 ## Unused imports and lines over 120 characters in the library and the tests (ruff, config in pyproject.toml).
 lint: setup
-	$(BIN)/ruff check detr_explained tests
+	$(BIN)/ruff check --select F401 detr_explained tests
+	@n=$$($(BIN)/ruff check --select E501 --exit-zero --output-format concise detr_explained tests | grep -c E501 || true); \
+	  echo "ruff: $$n line(s) over 120 characters (reported, not yet failing: see README, Development)"
 
 pytest: setup
 	$(BIN)/python -m pytest -q -rs tests

@@ -4,7 +4,7 @@
 
 # %% ../nbs/24_cli.ipynb #e9ea8069
 from __future__ import annotations
-import argparse, errno, math, os, sys, tempfile, time
+import argparse, errno, math, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_data.ipynb #7aaa7036
 from __future__ import annotations
-import contextlib, io, json, math, os, warnings
+import contextlib, io, json, math, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,7 +15,6 @@ from PIL import Image, ImageOps
 import matplotlib.pyplot as plt
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from fastcore.basics import patch
 

@@ -4,11 +4,10 @@
 
 # %% ../nbs/23_evaluate.ipynb #fa144047
 from __future__ import annotations
-import contextlib, io, json, math
+import contextlib, io, math
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn, Tensor
 import matplotlib.pyplot as plt
@@ -17,8 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
 
 from .core import atomic_write_bytes, atomic_write_json
-from .box_ops import box_xyxy_to_cxcywh
-from .data import (CocoDetection, DatasetError, _coco_index, _number_annotations, coco_target, collate_fn, draw_boxes, load_rgb,
+from .data import (CocoDetection, DatasetError, _coco_index, _number_annotations, coco_target, draw_boxes, load_rgb,
                                  make_coco_transforms, make_loader)
 from .train import TrainingError, _forward, autocast, compiled, float32_outputs, model_from_checkpoint
 

@@ -8,12 +8,10 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from pycocotools.coco import COCO
 
 from detr_explained.coco_subset import (CocoSubsetError, check_image, choose_images, fetch_annotations,

@@ -8,7 +8,6 @@ must agree to float32 rounding: indices and labels exactly, costs and losses to 
 import pytest
 import torch
 
-from detr_explained.matcher import HungarianMatcher
 from detr_explained.criterion import (SetCriterion, FocalSetCriterion, DABSetCriterion, PostProcess,
                                       PostProcessTopK, build_set_criterion, total_loss)
 from parity import close
