@@ -112,6 +112,9 @@ class DABExplorer(ExplorerBase):
     def __init__(self, model: nn.Module|LoadedModel, image=None, size: int|None=None, names: dict|None=None,
                  capture=None): # a capture of this model on this image, to reuse
         self.lm = lm = as_loaded(model, 'dab_detr')
+        if lm.family != 'dab_detr' or type(lm.model).__name__ == 'DABDeformableDETR':   # it samples points, no maps
+            raise ValueError(f"DABExplorer shows DAB-DETR's attention maps; a {type(lm.model).__name__} has none "
+                             "(deformable sampling): explore it with DeformableExplorer")
         self.names = names if names is not None else lm.names
         self.image = explorer_image(lm, image, size)
         self.cap = cap = capture if capture is not None else capture_dab(lm.model, self.image)
