@@ -69,3 +69,24 @@ def close(name: str, ours, ref, atol: float=ATOL, rtol: float=0.0, max_rtol: flo
             f'at {list(idx)} (ours {a[idx].item():.6g}, reference {b[idx].item():.6g}); '
             f'tolerance atol={atol:g} rtol={rtol:g} max_rtol={max_rtol:g} -> {tol[idx].item():.3g} there, '
             f'shape {tuple(a.shape)}')
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    "Relative difference |a - b| / |b| (norms), for gradients compared by size rather than element by element."
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def run_deformable(model, fx) -> tuple:
+    """`(model, outputs, captures)` of a deformable model on the fixture's batch; the captures (forward hooks) are the
+    backbone's, every input_proj.{l}'s, the encoder memory and the transformer's outputs."""
+    cap = {}
+    hooks = [model.backbone.register_forward_hook(lambda m, i, o: cap.update(backbone=o)),
+             model.transformer.encoder.register_forward_hook(lambda m, i, o: cap.update(memory=o)),
+             model.transformer.register_forward_hook(lambda m, i, o: cap.update(transformer=o))]
+    for l, proj in enumerate(model.input_proj):
+        hooks.append(proj.register_forward_hook(lambda m, i, o, l=l: cap.update({f'proj{l}': o})))
+    try:
+        with torch.no_grad(): out = model(fx['inputs']['tensors'], fx['inputs']['mask'])
+    finally:
+        for h in hooks: h.remove()
+    return model, out, cap

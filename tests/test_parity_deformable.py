@@ -18,15 +18,11 @@ import detr_explained.ms_deform_attn as msda_module
 import detr_explained.ms_deform_attn_fast as msda_fast
 from detr_explained.ms_deform_attn_fast import FAST_KERNELS, ms_deform_attn_core_fast
 from detr_explained.official import from_official, official_criterion, official_postprocess
-from parity import close
+from parity import close, rel
 
 config_from_args, preset = FAMILY.config_from_args, FAMILY.config   # the family reads the namespace and the presets
 
 GRAD_KEYS = ('grad_value', 'grad_sampling_locations', 'grad_attention_weights')
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 # ---------------------------------------------------------------- the sampling core

@@ -14,13 +14,9 @@ from detr_explained.deformable_detr import DeformableDETRTwoStage
 from detr_explained.deformable_transformer import TwoStageDeformableTransformer
 from detr_explained.ms_deform_attn import MSDA_IMPLS, set_ms_deform_attn_impl
 from detr_explained.official import from_official, official_criterion, official_postprocess
-from parity import close
+from parity import close, rel, run_deformable
 
 NAME = 'deformable_detr'
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -39,15 +35,7 @@ def fx(official_fixture):
 @pytest.fixture(scope='module')
 def run(fx):
     model = from_official(NAME, fx['state_dict'], fx['config']['args'])
-    cap = {}
-    hooks = [model.backbone.register_forward_hook(lambda m, i, o: cap.update(backbone=o)),
-             model.transformer.encoder.register_forward_hook(lambda m, i, o: cap.update(memory=o)),
-             model.transformer.register_forward_hook(lambda m, i, o: cap.update(transformer=o))]
-    for l, proj in enumerate(model.input_proj):
-        hooks.append(proj.register_forward_hook(lambda m, i, o, l=l: cap.update({f'proj{l}': o})))
-    with torch.no_grad(): out = model(fx['inputs']['tensors'], fx['inputs']['mask'])
-    for h in hooks: h.remove()
-    return model, out, cap
+    return run_deformable(model, fx)
 
 
 @pytest.fixture(scope='module')
