@@ -94,6 +94,7 @@ def _atomic_write(path: Path|str, write) -> Path:
         raise
     return path
 
+# %% ../nbs/01_core.ipynb #7bde8024
 def atomic_save(obj, path: Path|str) -> Path:
     "`torch.save(obj, path)`, atomically."
     return _atomic_write(path, lambda f: torch.save(obj, f))
