@@ -118,7 +118,7 @@ class DABDETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], D, kernel_size=1)
         self.backbone, self.iter_update = backbone, iter_update
         if iter_update: self.transformer.decoder.bbox_embed = self.bbox_embed        # one module, two names
-        init_prior_bias_(self.class_embed)                                           # prior probability 0.01 (09_family)
+        init_prior_bias_(self.class_embed)                                           # prior probability 0.01 (08_family)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight); nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
 # %% ../nbs/16_dab_detr.ipynb #1f60ee24

@@ -141,7 +141,7 @@ def project_levels(input_proj: nn.ModuleList, # from make_input_proj
 def make_heads(hidden_dim: int, num_classes: int) -> tuple[nn.Linear, MLP]:
     "One class head (prior-probability bias) and one box head (last layer zero), official init."
     class_embed, bbox_embed = nn.Linear(hidden_dim, num_classes), MLP(hidden_dim, hidden_dim, 4, 3)
-    init_prior_bias_(class_embed)                                       # sigmoid scores start at 0.01 (09_family)
+    init_prior_bias_(class_embed)                                       # sigmoid scores start at 0.01 (08_family)
     nn.init.zeros_(bbox_embed.layers[-1].weight); nn.init.zeros_(bbox_embed.layers[-1].bias)
     return class_embed, bbox_embed
 

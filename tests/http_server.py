@@ -1,7 +1,7 @@
 """A file server on 127.0.0.1 for the download tests: Range and If-Range requests, and injectable faults.
 
 Test equipment, not library (it used to live in `detr_explained.hub`): `tests/test_hub.py`,
-`tests/test_coco_subset.py`, `tests/test_robustness.py` and the notebooks 30_hub and
+`tests/test_coco_subset.py`, `tests/test_robustness.py` and the notebooks 24_hub and
 31_coco_subset import it from here (the notebooks put `../tests` on `sys.path`).
 
 `LocalFileServer(root)` serves the files under `root` from a background thread the way real

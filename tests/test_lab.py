@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT/'tools'))
 import kernelspec  # noqa: E402  (tools/kernelspec.py)
 
 SHOTS = ROOT/'docs'/'_build'/'screenshots'
-OPENED = ['00_index', '06_detr', '40_explore_detr']   # the home notebook, a model, an explorer
+OPENED = ['00_index', '09_detr', '40_explore_detr']   # the home notebook, a model, an explorer
 
 
 def test_every_notebook_names_the_course_kernel():
