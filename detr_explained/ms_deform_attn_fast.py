@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['FAST_KERNELS', 'DENSE_POINTS', 'LevelCanvas', 'MSDeformAttnCanvas', 'MSDeformAttnGather', 'ms_deform_attn_core_fast']
@@ -61,84 +62,100 @@ class LevelCanvas:
         self.corners = (0, 1, self.width, self.width + 1)   # row offsets of (v0,u0), (v0,u0+1), (v0+1,u0), (v0+1,u0+1)
         self.index_dtype = torch.int32 if self.size < 2**31 else torch.int64   # int32 indices sort and gather faster
 
-    def levels(self, table: Tensor) -> list[Tensor]: # (size, D) -> per level (B, M, H_l, W_l, D) views
+    def levels(self, table: Tensor) -> list[Tensor]: # (canvas rows, D) -> per level (B, M, H_l, W_l, D) views
         grid = table[:self.B * self.M * self.block]
-        grid = grid.view(self.B, self.M, -1, self.width, table.shape[-1])   # (B*M*block, D) -> (B, M, rows, width, D)
+        grid = grid.view(self.B, self.M, -1, self.width, table.shape[-1])   # (canvas rows, D) -> (B, M, frame rows, canvas width, D)
         return [grid[:, :, t + 1:t + 1 + h, 1:1 + w] for t, (h, w) in zip(self.tops, self.shapes)]
 
-    def paint(self, value: Tensor) -> Tensor: # (B, S, M, D) -> (size, D)
-        B, S, M, D = value.shape
-        table = value.new_zeros(self.size, D)
-        for dst, v, (h, w) in zip(self.levels(table), value.split([h * w for h, w in self.shapes], 1), self.shapes):
-            dst.copy_(v.view(B, h, w, M, D).permute(0, 3, 1, 2, 4))      # (B, HW, M, D) -> (B, M, H, W, D)
-        return table
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #eb6e596d
+@patch
+def paint(self: LevelCanvas, value: Tensor) -> Tensor: # (B, S, M, D) -> (canvas rows, D)
+    B, S, M, D = value.shape
+    table = value.new_zeros(self.size, D)
+    for dst, v, (h, w) in zip(self.levels(table), value.split([h * w for h, w in self.shapes], 1), self.shapes):
+        dst.copy_(v.view(B, h, w, M, D).permute(0, 3, 1, 2, 4))      # (B, HW, M, D) -> (B, M, H, W, D)
+    return table
 
-    def unpaint(self, table: Tensor) -> Tensor: # (size, D) -> (B, S, M, D)
-        levels = [v.permute(0, 2, 3, 1, 4).flatten(1, 2) for v in self.levels(table)]  # (B, M, H, W, D)->(B, HW, M, D)
-        return torch.cat(levels, 1)
+@patch
+def unpaint(self: LevelCanvas, table: Tensor) -> Tensor: # (canvas rows, D) -> (B, S, M, D)
+    levels = [v.permute(0, 2, 3, 1, 4).flatten(1, 2) for v in self.levels(table)]  # (B, M, H, W, D) -> (B, HW, M, D)
+    return torch.cat(levels, 1)
 
-    def rows(self, u0: Tensor, v0: Tensor) -> Tensor: # (B, Q, M, L, P) corners in [-1, W_l] x [-1, H_l] -> table rows
-        head = torch.arange(self.B * self.M, device=u0.device, dtype=u0.dtype) * self.block
-        head = head.view(self.B, 1, self.M, 1, 1)                       # (B*M,) -> (B, 1, M, 1, 1)
-        level = torch.tensor(self.tops, device=u0.device, dtype=u0.dtype).view(-1, 1)   # (L,) -> (L, 1)
-        level = level * self.width + self.width + 1                     # the row of each level's pixel (0, 0)
-        return head + level + v0 * self.width + u0
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #cbd3df9d
+@patch
+def rows(self: LevelCanvas, u0: Tensor, v0: Tensor) -> Tensor: # (B, Q, M, L, P) corners in [-1, W_l] x [-1, H_l] -> table rows
+    head = torch.arange(self.B * self.M, device=u0.device, dtype=u0.dtype) * self.block
+    head = head.view(self.B, 1, self.M, 1, 1)                       # (B*M,) -> (B, 1, M, 1, 1)
+    level = torch.tensor(self.tops, device=u0.device, dtype=u0.dtype).view(-1, 1)   # (L,) -> (L, 1)
+    level = level * self.width + self.width + 1                     # the row of each level's pixel (0, 0)
+    return head + level + v0 * self.width + u0
 
 # %% ../nbs/10a_ms_deform_attn_fast.ipynb #7a245336
 def _scatter_rows(G: Tensor, # (B*Q*M, D) gradient of the output rows
-                  rows: Tensor, # (B*Q*M, n) table row of each entry
-                  weights: Tensor, # (k, B*Q*M, n) weights of the entries, one set per shift
+                  rows: Tensor, # (B*Q*M, L*P or 4*L*P) table row of each entry
+                  weights: Tensor, # (4 or 1, B*Q*M, L*P or 4*L*P) weights of the entries, one set per shift
                   shifts: tuple[int, ...], # table row offset of each weight set
                   size: int, # rows of the table
-                 ) -> Tensor: # (size, D): each table row gets the sum of w * G over the entries that read it
-    sorted_rows, order = rows.flatten().sort()                          # group the entries by the row they read
+                 ) -> Tensor: # (table rows, D): each table row gets the sum of w * G over the entries that read it
+    sorted_rows, order = rows.flatten().sort()                          # (B*Q*M, L*P) -> (B*Q*M*L*P,): grouped by the row they read
     source = order.div(rows.shape[1], rounding_mode='floor')           # output row (image, query, head) of each entry
     bounds = torch.zeros(size + 1, dtype=torch.long, device=G.device)
     torch.cumsum(torch.bincount(sorted_rows, minlength=size), 0, out=bounds[1:])
-    w = weights.flatten(1).index_select(1, order)                       # (k, B*Q*M*n) in sorted order
+    w = weights.flatten(1).index_select(1, order)                       # (4, B*Q*M, L*P) -> (4, B*Q*M*L*P), sorted
     out = None
     for c, shift in enumerate(shifts):
         part = F.embedding_bag(source, G, bounds, per_sample_weights=w[c], mode='sum', include_last_offset=True)
-        if out is None and shift == 0: out = part; continue             # (size, D)
+        if out is None and shift == 0: out = part; continue             # (table rows, D)
         if out is None: out = G.new_zeros(size, G.shape[1])
         out[shift:] += part[:size - shift]
     return out
 
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #eaa29bca
 def _row_dots(G: Tensor, # (B*Q*M, D)
-              table: Tensor, # (R, D)
-              rows: Tensor, # (B*Q*M, n) rows of table
-             ) -> Tensor: # (B*Q*M*n,): <G[i], table[rows[i, j]]> for every entry
+              table: Tensor, # (table rows, D)
+              rows: Tensor, # (B*Q*M, L*P or 4*L*P) rows of table
+             ) -> Tensor: # (B*Q*M*L*P,) or (B*Q*M*4*L*P,): <G[i], table[rows[i, j]]> for every entry
     n_out, n = rows.shape
     crow = torch.arange(0, n_out * n + 1, n, device=rows.device, dtype=rows.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')                                  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(crow, rows.flatten(), G.new_zeros(1).expand(n_out * n),   # (B*Q*M*n,) columns
+        pattern = torch.sparse_csr_tensor(crow, rows.flatten(), G.new_zeros(1).expand(n_out * n),   # (B*Q*M, L*P) -> (B*Q*M*L*P,) columns
                                           size=(n_out, len(table)))
         return torch.sparse.sampled_addmm(pattern, G, table.T, beta=0).values()
 
 # %% ../nbs/10a_ms_deform_attn_fast.ipynb #f3b629ec
+def _canvas_entries(canvas: LevelCanvas,
+                    sampling_locations: Tensor, # (B, Q, M, L, P, 2) normalised (x, y)
+                    attention_weights: Tensor, # (B, Q, M, L, P)
+                    wh: Tensor, # (L, 1, 2) (W_l, H_l) as floats
+                   ) -> tuple[Tensor, ...]: # rows (B*Q*M, L*P), weights (4, B*Q*M, L*P), frac, inside
+    "Where each point reads on the canvas: its top-left corner's row, and its four corner weights."
+    B, Q, M, L, P = attention_weights.shape
+    uv, _ = _pixel_coords(sampling_locations, wh)
+    clamped = torch.minimum(uv.clamp(min=-1.0), wh)                  # into the frame: [-1, W_l] x [-1, H_l]
+    uv0 = clamped.floor()
+    frac, inside = clamped - uv0, clamped == uv                     # a point clamped into the frame reads zeros
+    uv0 = uv0.to(canvas.index_dtype)
+    rows = canvas.rows(uv0[..., 0], uv0[..., 1]).view(B * Q * M, L * P)   # (B, Q, M, L, P) -> (B*Q*M, L*P)
+    weights = _corner_weights(attention_weights, frac).view(4, B * Q * M, L * P)    # (4, B, Q, M, L, P) -> (4, B*Q*M, L*P)
+    return rows, weights, frac, inside
+
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #60f596f8
 class MSDeformAttnCanvas(torch.autograd.Function):
     "The core of Eq. 3 as four weighted gathers from a zero-framed canvas (dense sampling), hand-written backward."
     @staticmethod
     def forward(ctx, value, spatial_shapes, sampling_locations, attention_weights):
         B, S, M, D = value.shape
-        _, Q, _, L, P, _ = sampling_locations.shape
         canvas = LevelCanvas(spatial_shapes, B, M)
         wh = spatial_shapes.flip(-1).to(value.dtype)[:, None]             # (L, 2) -> (L, 1, 2): (W_l, H_l)
-        uv, _ = _pixel_coords(sampling_locations, wh)
-        clamped = torch.minimum(uv.clamp(min=-1.0), wh)                  # into the frame: [-1, W_l] x [-1, H_l]
-        uv0 = clamped.floor()
-        frac, inside = clamped - uv0, clamped == uv                     # a point clamped into the frame reads zeros
-        uv0 = uv0.to(canvas.index_dtype)
-        rows = canvas.rows(uv0[..., 0], uv0[..., 1]).view(B * Q * M, L * P)   # (B, Q, M, L, P) -> (B*Q*M, L*P)
-        weights = _corner_weights(attention_weights, frac).view(4, B * Q * M, L * P)    # -> (4, B*Q*M, L*P)
+        rows, weights, frac, inside = _canvas_entries(canvas, sampling_locations, attention_weights, wh)
         table = canvas.paint(value)
         out = F.embedding_bag(rows, table, per_sample_weights=weights[0], mode='sum')                # (B*Q*M, D)
         for c, s in enumerate(canvas.corners[1:], 1):
             out += F.embedding_bag(rows, table[s:], per_sample_weights=weights[c], mode='sum')    # shifted: corner c
         ctx.save_for_backward(rows, weights, frac, inside, attention_weights, table, wh)
         ctx.canvas = canvas
-        return out.view(B, Q, M * D)                                    # (B*Q*M, D) -> (B, Q, M*D)
+        return out.view(B, -1, M * D)                                    # (B*Q*M, D) -> (B, Q, M*D)
 
     @staticmethod
     @once_differentiable
@@ -176,24 +193,35 @@ def _corner_rows(uv0: Tensor, # (B, Q, M, L, P, 2) floors of the pixel coordinat
     return torch.where(inside, rows, 0), inside
 
 # %% ../nbs/10a_ms_deform_attn_fast.ipynb #1296e22d
+def _gather_entries(spatial_shapes: Tensor, # (L, 2) (H_l, W_l)
+                    sampling_locations: Tensor, # (B, Q, M, L, P, 2) normalised (x, y)
+                    attention_weights: Tensor, # (B, Q, M, L, P)
+                    wh: Tensor, # (L, 1, 2) (W_l, H_l) as floats
+                    S: int, # value tokens per image
+                   ) -> tuple[Tensor, ...]: # rows, weights (B*Q*M, L*P*4); frac (B, Q, M, L, P, 2); inside
+    "Each point's four corners as rows of the value read as a (B*S*M, D) table, with their weights (zero outside the map)."
+    B, Q, M, L, P = attention_weights.shape
+    uv, uv0 = _pixel_coords(sampling_locations, wh)
+    frac = uv - uv0
+    rows, inside = _corner_rows(uv0, spatial_shapes, S)
+    weights = _corner_weights(attention_weights, frac).movedim(0, -1) * inside  # (4, B, Q, M, L, P) -> (B, Q, M, L, P, 4)
+    rows = rows.view(B * Q * M, L * P * 4)                           # (B, Q, M, L, P, 4) -> (B*Q*M, L*P*4)
+    weights = weights.reshape(B * Q * M, L * P * 4)                  # (B, Q, M, L, P, 4) -> (B*Q*M, L*P*4)
+    return rows, weights, frac, inside
+
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #05e8b954
 class MSDeformAttnGather(torch.autograd.Function):
     "The core of Eq. 3 as one weighted gather of every point's four corners from the value itself (sparse sampling)."
     @staticmethod
     def forward(ctx, value, spatial_shapes, sampling_locations, attention_weights):
         B, S, M, D = value.shape
-        _, Q, _, L, P, _ = sampling_locations.shape
         wh = spatial_shapes.flip(-1).to(value.dtype)[:, None]             # (L, 2) -> (L, 1, 2): (W_l, H_l)
-        uv, uv0 = _pixel_coords(sampling_locations, wh)
-        frac = uv - uv0
-        rows, inside = _corner_rows(uv0, spatial_shapes, S)
-        weights = _corner_weights(attention_weights, frac).movedim(0, -1) * inside  # -> (B, Q, M, L, P, 4)
-        rows = rows.view(B * Q * M, L * P * 4)                           # (B, Q, M, L, P, 4) -> (B*Q*M, L*P*4)
-        weights = weights.reshape(B * Q * M, L * P * 4)                  # (B, Q, M, L, P, 4) -> (B*Q*M, L*P*4)
+        rows, weights, frac, inside = _gather_entries(spatial_shapes, sampling_locations, attention_weights, wh, S)
         table = value.reshape(B * S * M, D)                          # (B, S, M, D) -> (B*S*M, D): the value as it is
         out = F.embedding_bag(rows, table, per_sample_weights=weights, mode='sum')   # (B*Q*M, D)
         ctx.save_for_backward(rows, weights, frac, inside, attention_weights, table, wh)
         ctx.value_shape = value.shape
-        return out.view(B, Q, M * D)                                     # (B*Q*M, D) -> (B, Q, M*D)
+        return out.view(B, -1, M * D)                                    # (B*Q*M, D) -> (B, Q, M*D)
 
     @staticmethod
     @once_differentiable
