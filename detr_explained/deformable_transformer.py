@@ -30,7 +30,7 @@ def flatten_levels(srcs: list[Tensor], # L maps (B, C, H_l, W_l)
     "src (B, S, C), mask (B, S), pos + level embedding (B, S, C), spatial_shapes (L, 2), level_start_index (L,)"
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)   # (B, C, H, W) -> (B, HW, C), cat -> (B, S, C)
     mask = torch.cat([m.flatten(1) for m in masks], 1)                  # (B, H, W) -> (B, HW), cat -> (B, S)
-    pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l].view(1, 1, -1)     # PE + e_l
+    pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l].view(1, 1, -1)     # PE (B, C, H, W) -> (B, HW, C), + e_l (C,) -> (1, 1, C)
                      for l, p in enumerate(pos_embeds)], 1)
     spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=src.device)
     level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
@@ -54,7 +54,7 @@ def encoder_reference_points(spatial_shapes: Tensor, # (L, 2) (H_l, W_l)
         ref_y, ref_x = torch.meshgrid(torch.arange(H, device=dev, dtype=dt) + 0.5,
                                       torch.arange(W, device=dev, dtype=dt) + 0.5, indexing='ij')
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, l, 1] * H)   # (HW,) -> (B, HW), relative to the image
-        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, l, 0] * W)
+        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, l, 0] * W)   # (HW,) -> (B, HW)
         points.append(torch.stack((ref_x, ref_y), -1))                        # (B, HW, 2)
     points = torch.cat(points, 1)                                             # (B, S, 2)
     return points[:, :, None] * valid_ratios[:, None]           # (B, S, 1, 2) * (B, 1, L, 2) -> (B, S, L, 2)
@@ -152,24 +152,27 @@ class DeformableTransformerDecoder(nn.Module):
         "With box refinement, layer `lid`'s box becomes the next reference (detached)."
         return refine_reference(self.bbox_embed[lid](output), reference)
 
-    def forward(self, tgt: Tensor, # (B, Q, C)
-                reference_points: Tensor, # (B, Q, 2) or (B, Q, 4), normalised to the image
-                src: Tensor, src_spatial_shapes: Tensor, src_level_start_index: Tensor,
-                src_valid_ratios: Tensor, # (B, L, 2)
-                query_pos: Tensor|None=None, src_padding_mask: Tensor|None=None,
-               ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q, C), references after each layer (N_dec, B, Q, 2 or 4)
-        output, intermediate, references = tgt, [], []
-        for lid, layer in enumerate(self.layers):
-            ratios = src_valid_ratios if reference_points.shape[-1] == 2 else src_valid_ratios.repeat(1, 1, 2)
-            # (B, Q, 1, 2 or 4) * (B, 1, L, 2 or 4) -> (B, Q, L, 2 or 4): the reference on every level's padded map
-            ref_input = reference_points[:, :, None] * ratios[:, None]
-            pos = self.layer_query_pos(lid, output, ref_input, query_pos)
-            output = layer(output, pos, ref_input, src, src_spatial_shapes, src_level_start_index, src_padding_mask)
-            if self.bbox_embed is not None: reference_points = self.next_reference(lid, output, reference_points)
-            if self.return_intermediate:
-                intermediate.append(output); references.append(reference_points)
-        if self.return_intermediate: return torch.stack(intermediate), torch.stack(references)
-        return output[None], reference_points[None]
+# %% ../nbs/11_deformable_transformer.ipynb #5662ea24
+@patch
+def forward(self: DeformableTransformerDecoder,
+            tgt: Tensor, # (B, Q, C)
+            reference_points: Tensor, # (B, Q, 2) or (B, Q, 4), normalised to the image
+            src: Tensor, src_spatial_shapes: Tensor, src_level_start_index: Tensor,
+            src_valid_ratios: Tensor, # (B, L, 2)
+            query_pos: Tensor|None=None, src_padding_mask: Tensor|None=None,
+           ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q, C), references after each layer (N_dec, B, Q, 2 or 4)
+    output, intermediate, references = tgt, [], []
+    for lid, layer in enumerate(self.layers):
+        ratios = src_valid_ratios if reference_points.shape[-1] == 2 else src_valid_ratios.repeat(1, 1, 2)
+        # (B, Q, 1, 2 or 4) * (B, 1, L, 2 or 4) -> (B, Q, L, 2 or 4): the reference on every level's padded map
+        ref_input = reference_points[:, :, None] * ratios[:, None]
+        pos = self.layer_query_pos(lid, output, ref_input, query_pos)
+        output = layer(output, pos, ref_input, src, src_spatial_shapes, src_level_start_index, src_padding_mask)
+        if self.bbox_embed is not None: reference_points = self.next_reference(lid, output, reference_points)
+        if self.return_intermediate:
+            intermediate.append(output); references.append(reference_points)
+    if self.return_intermediate: return torch.stack(intermediate), torch.stack(references)
+    return output[None], reference_points[None]
 
 # %% ../nbs/11_deformable_transformer.ipynb #752da7c3
 def encoder_proposals(memory: Tensor, # (B, S, C) encoder output
@@ -180,16 +183,16 @@ def encoder_proposals(memory: Tensor, # (B, S, C) encoder output
     B, S, C = memory.shape
     proposals, start = [], 0
     for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-        mask = memory_padding_mask[:, start:start + H * W].view(B, H, W)
+        mask = memory_padding_mask[:, start:start + H * W].view(B, H, W)            # (B, HW) -> (B, H, W)
         valid_H, valid_W = torch.sum(~mask[:, :, 0], 1), torch.sum(~mask[:, 0, :], 1)
         grid_y, grid_x = torch.meshgrid(torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
                                         torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
                                         indexing='ij')
         grid = torch.stack([grid_x, grid_y], -1)                                          # (H, W, 2)
-        scale = torch.stack([valid_W, valid_H], 1).view(B, 1, 1, 2)
+        scale = torch.stack([valid_W, valid_H], 1).view(B, 1, 1, 2)                      # (B, 2) -> (B, 1, 1, 2)
         centre = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale                         # relative to the image
         wh = torch.ones_like(centre) * 0.05 * (2.0 ** lvl)
-        proposals.append(torch.cat((centre, wh), -1).view(B, -1, 4))                   # (B, HW, 4)
+        proposals.append(torch.cat((centre, wh), -1).view(B, -1, 4))                   # (B, H, W, 4) -> (B, HW, 4)
         start += H * W
     proposals = torch.cat(proposals, 1)                                                   # (B, S, 4)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)             # (B, S, 1)
@@ -230,15 +233,17 @@ class DeformableTransformer(nn.Module):
     def _make_query_layers(self):
         self.reference_points = nn.Linear(self.d_model, 2)      # query position -> initial reference point
 
-    @torch.no_grad()
-    def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1: nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn): m._reset_parameters()
-        if hasattr(self, 'reference_points'):
-            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0); nn.init.zeros_(self.reference_points.bias)
-        nn.init.normal_(self.level_embed)
+# %% ../nbs/11_deformable_transformer.ipynb #02090bc3
+@patch
+@torch.no_grad()
+def _reset_parameters(self: DeformableTransformer):
+    for p in self.parameters():
+        if p.dim() > 1: nn.init.xavier_uniform_(p)
+    for m in self.modules():
+        if isinstance(m, MSDeformAttn): m._reset_parameters()
+    if hasattr(self, 'reference_points'):
+        nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0); nn.init.zeros_(self.reference_points.bias)
+    nn.init.normal_(self.level_embed)
 
 # %% ../nbs/11_deformable_transformer.ipynb #d71d5712
 @patch
