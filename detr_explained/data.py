@@ -62,6 +62,7 @@ def _check_types(path, d: dict):
                 if field in it and not ok(it[field]):
                     raise DatasetError(f"{path}: {what}[{i}].{field} must be {expected}, got {it[field]!r:.60}")
 
+# %% ../nbs/20_data.ipynb #a9d87262
 def _number_annotations(path, anns: list[dict]) -> int:
     "Renumber the annotation ids 1..N if any would mislead COCOeval (missing, <= 0, not an integer, repeated); how many were."
     ids, why = [a.get('id') for a in anns], None
@@ -78,6 +79,7 @@ def _number_annotations(path, anns: list[dict]) -> int:
                   "such boxes wrongly); the old ids are kept as 'orig_id'", stacklevel=3)
     return len(anns)
 
+# %% ../nbs/20_data.ipynb #8a40baf9
 def _check_annotations(path, d: dict):
     image_ids, cat_ids = {im['id'] for im in d['images']}, {c['id'] for c in d['categories']}
     for i, a in enumerate(d['annotations']):
@@ -122,7 +124,7 @@ def coco_target(anns: list[dict], # the image's COCO annotations
                ) -> dict:
     "The official `ConvertCocoPolysToMask` for boxes: drop crowds, corners, clamp, drop empty boxes."
     anns = [a for a in anns if a.get('iscrowd', 0) == 0]
-    boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)  # (T, 4) x, y, w, h
+    boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)  # (T, 4) or (0,) -> (T, 4): x, y, w, h
     boxes[:, 2:] += boxes[:, :2]                                                        # -> x0, y0, x1, y1
     boxes[:, 0::2].clamp_(min=0, max=width); boxes[:, 1::2].clamp_(min=0, max=height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -148,6 +150,7 @@ def _high_depth_to_8bit(img: Image.Image, path) -> Image.Image:
                            "(expected 0..1 or 0..255 for floats, 0..255 or 0..65535 for integers); convert it to 8-bit RGB")
     return Image.fromarray(np.floor(a * scale + 1e-9).clip(0, 255).astype(np.uint8), 'L')
 
+# %% ../nbs/20_data.ipynb #ca96ad75
 def load_rgb(path: Path|str) -> Image.Image:
     "Open an image file as 8-bit RGB, its EXIF orientation applied; a DatasetError naming the file if it cannot be."
     path = Path(path)
@@ -221,6 +224,7 @@ class RandomResize:
     def __init__(self, sizes: Sequence[int], max_size: int|None=None): self.sizes, self.max_size = list(sizes), max_size
     def __call__(self, image, target): return resize(image, target, self.sizes[_randint(0, len(self.sizes) - 1)], self.max_size)
 
+# %% ../nbs/20_data.ipynb #eb90968a
 class RandomSizeCrop:
     "Crop a random region whose sides are drawn from [min_size, max_size] (capped by the image)."
     def __init__(self, min_size: int, max_size: int): self.min_size, self.max_size = min_size, max_size
