@@ -147,6 +147,7 @@ def _not_ours(out: Path) -> str|None:
         else: return f"{p.name} was not written by make_synthetic"
     return None
 
+# %% ../nbs/21_synthetic.ipynb #62d940ac
 def make_synthetic(out: Path|str, # folder to write: images/, annotations/instances_{train,val}.json
                    n_train: int=2000, n_val: int=200, size: int=128, seed: int=0, max_objects: int=4,
                    overwrite: bool=False, # rewrite even if a dataset with the same settings is there
