@@ -71,7 +71,7 @@ def coco_evaluate(coco_gt: COCO, detections: list[dict]) -> dict:
 
 def per_class_ap(E: COCOeval, coco_gt: COCO) -> dict[str, dict]:
     "{class name: {'AP', 'AP50'}} from an accumulated COCOeval (None where the class has no ground truth)."
-    p = E.eval['precision'][:, :, :, 0, -1]                                   # (T, R, K) at area 'all', maxDets 100
+    p = E.eval['precision'][:, :, :, 0, -1]                                   # IoU thresholds × recall points × K, at area 'all', maxDets 100
     def mean(a): return float(a[a > -1].mean()) if (a > -1).any() else None
     return {coco_gt.cats[c]['name']: {'AP': mean(p[:, :, k]), 'AP50': mean(p[0, :, k])} for k, c in enumerate(E.params.catIds)}
 
@@ -156,6 +156,7 @@ def drawing_names(files: Sequence[Path]) -> list[str]:
         used.add(name.lower()); names.append(name)
     return names
 
+# %% ../nbs/23_evaluate.ipynb #c4742ded
 def predict_files(checkpoint: Path|str, files: Sequence[Path|str], out_dir: Path|str, threshold: float=0.5,
                   device: str='cpu', progress: bool=True,
                   amp: str|None=None, compile: bool=False) -> list[dict]: # --amp, --compile (see `evaluate_dataset`)
