@@ -29,8 +29,8 @@ from .hub import OFFICIAL_CHECKPOINTS, cache_dir
 # %% auto #0
 __all__ = ['SAMPLE_IMAGE', 'FIG_WIDTH', 'FIG_DPI', 'LoadedModel', 'as_loaded', 'coco_names', 'random_model', 'cached_official',
            'default_source', 'load_model', 'ExplorerImage', 'sample_image', 'load_image', 'explorer_image', 'HookSet',
-           'call_args', 'layer_predictions', 'query_scores', 'head_map', 'argmax2d', 'panel_rows', 'overlay',
-           'colorbar', 'box_to_pixels', 'draw_box', 'weights_banner', 'slider', 'dropdown', 'head_options',
+           'call_args', 'layer_predictions', 'query_scores', 'head_map', 'argmax2d', 'panel_widths', 'panel_rows',
+           'overlay', 'colorbar', 'box_to_pixels', 'draw_box', 'weights_banner', 'slider', 'dropdown', 'head_options',
            'query_options', 'interactive_backend', 'new_figure', 'figure_png', 'ExplorerBase']
 
 # %% ../nbs/39_explore_base.ipynb #7700c2eb
@@ -216,6 +216,15 @@ def argmax2d(a: Tensor) -> tuple[int, int]:
 FIG_WIDTH = 8.0       # inches: 800 px at 100 dpi, a JupyterLab notebook column beside the file browser
 FIG_DPI = 100
 
+def panel_widths(counts: list[int], # panels per row
+                 bars: list, # per row: 'each', 'row' or None
+                 width: float, gap: float, margin: float, bar_room: tuple, # inches (see panel_rows)
+                ) -> list[float]: # one panel's width per row, inches
+    "The panel width of each row: the figure's inner width less the gaps and the colour bars, shared by its panels."
+    room, inner = sum(bar_room), width - 2 * margin
+    return [(inner - gap * (n - 1) - room * {'each': n, 'row': 1}.get(b, 0)) / n for n, b in zip(counts, bars)]
+
+# %% ../nbs/39_explore_base.ipynb #56f9ffcf
 def panel_rows(fig: Figure, aspect: float, # image height / width
                counts: list[int], # panels per row
                bars: list|None=None, # per row: 'each' (a colour bar per panel), 'row' (one at the end) or None
@@ -226,8 +235,7 @@ def panel_rows(fig: Figure, aspect: float, # image height / width
     "Rows of axes keeping the image's aspect ratio, and their colour-bar axes; the figure's height follows."
     bars = list(bars or [None] * len(counts))
     titles = list(title_room) if isinstance(title_room, (list, tuple)) else [title_room] * len(counts)
-    room, inner = sum(bar_room), width - 2 * margin
-    widths = [(inner - gap * (n - 1) - room * {'each': n, 'row': 1}.get(b, 0)) / n for n, b in zip(counts, bars)]
+    widths = panel_widths(counts, bars, width, gap, margin, bar_room)
     heights = [w * aspect for w in widths]
     H = top + sum(heights) + sum(titles) + margin
     fig.set_size_inches(width, H)
@@ -239,7 +247,7 @@ def panel_rows(fig: Figure, aspect: float, # image height / width
         for i in range(n):
             axes.append(fig.add_axes(rect(x, y, w, h))); x += w
             if b == 'each' or (b == 'row' and i == n - 1):
-                cbars.append(fig.add_axes(rect(x + bar_room[0], y, bar_room[1], h))); x += room
+                cbars.append(fig.add_axes(rect(x + bar_room[0], y, bar_room[1], h))); x += sum(bar_room)
             x += gap
         axes_rows.append(axes); bar_rows.append(cbars)
     return axes_rows, bar_rows
