@@ -44,17 +44,17 @@ class AttentionRecorder(HookSet):
 
 # %% ../nbs/40_explore_detr.ipynb #0dbdba3c
 def mha_weights_by_hand(mha: nn.MultiheadAttention,
-                        query: Tensor, # (L, B, C) sequence-first, as the layer receives it
+                        query: Tensor, # (Q, B, C) sequence-first, as the layer receives it (Q = HW in the encoder)
                         key: Tensor, # (S, B, C)
                         key_padding_mask: Tensor|None=None, # (B, S) bool, True = padding
-                       ) -> Tensor: # (B, M, L, S)
+                       ) -> Tensor: # (B, M, Q, S)
     "softmax(q_m k_m^T / sqrt(C/M)) per head, from the layer's in_proj weights."
     C, M = mha.embed_dim, mha.num_heads
     w_q, w_k, _ = mha.in_proj_weight.split(C)
     b_q, b_k, _ = mha.in_proj_bias.split(C)
-    q = (query @ w_q.T + b_q).permute(1, 0, 2).unflatten(-1, (M, C // M)).transpose(1, 2)  # (L, B, C) -> (B, M, L, C/M)
-    k = (key @ w_k.T + b_k).permute(1, 0, 2).unflatten(-1, (M, C // M)).transpose(1, 2)    # (S, B, C) -> (B, M, S, C/M)
-    logits = q @ k.transpose(-1, -2) / (C // M) ** 0.5                                       # (B, M, L, S)
+    q = (query @ w_q.T + b_q).permute(1, 0, 2).unflatten(-1, (M, C // M)).transpose(1, 2)  # (Q, B, C) -> (B, Q, C) -> (B, M, Q, D)
+    k = (key @ w_k.T + b_k).permute(1, 0, 2).unflatten(-1, (M, C // M)).transpose(1, 2)    # (S, B, C) -> (B, S, C) -> (B, M, S, D)
+    logits = q @ k.transpose(-1, -2) / (C // M) ** 0.5                  # (B, M, Q, D) @ (B, M, D, S) -> (B, M, Q, S)
     if key_padding_mask is not None: logits = logits.masked_fill(key_padding_mask[:, None, None], float('-inf'))
     return logits.softmax(-1)
 
@@ -69,11 +69,11 @@ def detr_attention_modules(model: nn.Module) -> dict[str, nn.MultiheadAttention]
 @dataclass
 class DETRCapture:
     "One forward pass of a DETR on one image, with its attention (image 0 of the batch)."
-    enc_attn: Tensor          # (L_enc, M, HW, HW) encoder self-attention, row = the attending pixel
-    dec_attn: Tensor          # (L_dec, M, Q, HW) decoder cross-attention
-    boxes: Tensor             # (L_dec, Q, 4) predicted boxes, cxcywh in [0, 1]
-    scores: Tensor            # (L_dec, Q) best real-class probability
-    labels: Tensor            # (L_dec, Q)
+    enc_attn: Tensor          # (M, HW, HW) per encoder layer, stacked: self-attention, row = the attending pixel
+    dec_attn: Tensor          # (N_dec, M, Q, HW) decoder cross-attention
+    boxes: Tensor             # (N_dec, Q, 4) predicted boxes, cxcywh in [0, 1]
+    scores: Tensor            # (N_dec, Q) best real-class probability
+    labels: Tensor            # (N_dec, Q)
     feature_hw: tuple         # (H, W) of the feature map
     stride: float             # image pixels per feature cell
     outputs: dict             # the model's output dict
