@@ -24,18 +24,18 @@ __all__ = ['LEVEL_COLORS', 'HEAD_COLORS', 'POINT_SCALE', 'sampling_points', 'Def
            'DeformableExplorer', 'draw_points', 'color_legend', 'weight_legend']
 
 # %% ../nbs/41_explore_deformable.ipynb #e1769555
-def sampling_points(offsets: Tensor, # (N, Lq, M*L*P*2) output of `sampling_offsets`
-                    logits: Tensor, # (N, Lq, M*L*P) output of `attention_weights`
-                    reference_points: Tensor, # (N, Lq, L, 2) points or (N, Lq, L, 4) boxes
+def sampling_points(offsets: Tensor, # (B, Q, M*L*P*2) output of `sampling_offsets`
+                    logits: Tensor, # (B, Q, M*L*P) output of `attention_weights`
+                    reference_points: Tensor, # (B, Q, L, 2) points or (B, Q, L, 4) boxes
                     spatial_shapes: Tensor, # (L, 2) (H_l, W_l)
                     n_heads: int, n_points: int,
-                   ) -> tuple[Tensor, Tensor]: # locations (N, Lq, M, L, P, 2), weights (N, Lq, M, L, P)
+                   ) -> tuple[Tensor, Tensor]: # locations (B, Q, M, L, P, 2), weights (B, Q, M, L, P)
     "Eq. 3's sampling locations and attention weights from the raw outputs of the two linear layers."
-    N, Lq, L = *offsets.shape[:2], spatial_shapes.shape[0]
+    B, Q, L = *offsets.shape[:2], spatial_shapes.shape[0]
     M, P = n_heads, n_points
-    delta = offsets.view(N, Lq, M, L, P, 2)                                # (N, Lq, M*L*P*2) -> (N, Lq, M, L, P, 2)
-    weights = logits.view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)  # softmax over the L*P points of a head
-    ref = reference_points[:, :, None, :, None]                            # (N, Lq, L, d) -> (N, Lq, 1, L, 1, d)
+    delta = offsets.view(B, Q, M, L, P, 2)                                 # (B, Q, M*L*P*2) -> (B, Q, M, L, P, 2)
+    weights = logits.view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)  # (B, Q, M*L*P) -> (B, Q, M, L*P), softmax over a head's points -> (B, Q, M, L, P)
+    ref = reference_points[:, :, None, :, None]                            # (B, Q, L, 2 or 4) -> (B, Q, 1, L, 1, 2 or 4)
     if reference_points.shape[-1] == 2:
         wh = spatial_shapes.flip(-1).to(delta)[:, None]                    # (L, 2) (W_l, H_l) -> (L, 1, 2), over P
         return ref + delta / wh, weights
@@ -74,11 +74,11 @@ def deformable_attention_modules(model: nn.Module) -> dict[str, MSDeformAttn]:
 @dataclass
 class DeformCapture:
     "One forward pass of a Deformable DETR on one image (image 0)."
-    enc: list             # per encoder layer: reference (S, L, d), locations (S, M, L, P, 2), weights (S, M, L, P)
+    enc: list             # per encoder layer: reference (S, L, 2), locations (S, M, L, P, 2), weights (S, M, L, P)
     dec: list             # per decoder layer: the same for the Q queries
-    boxes: Tensor         # (L_dec, Q, 4) predicted boxes per layer
-    scores: Tensor        # (L_dec, Q)
-    labels: Tensor        # (L_dec, Q)
+    boxes: Tensor         # (N_dec, Q, 4) predicted boxes per layer
+    scores: Tensor        # (N_dec, Q)
+    labels: Tensor        # (N_dec, Q)
     spatial_shapes: list  # [(H_l, W_l)] per level
     level_start: list     # first token of each level
     extents: list         # [(width, height)]: the image pixels that [0, 1] spans on each level's map
@@ -148,6 +148,7 @@ HEAD_COLORS = cm.Set1(np.arange(9))
 
 def _option_list(n: int, every: str, one: str) -> list: return [(every, -1)] + [(f'{one} {i}', i) for i in range(n)]
 
+# %% ../nbs/41_explore_deformable.ipynb #b418c38f
 class DeformableExplorer(ExplorerBase):
     "Deformable DETR: reference and sampling points of a decoder query and of an encoder pixel, per level and head."
     def __init__(self, model: nn.Module|LoadedModel, image=None, size: int|None=None, names: dict|None=None,
@@ -215,6 +216,14 @@ def weight_legend(ax, weights=(0.05, 0.2, 0.5), scale: float=POINT_SCALE):
               borderpad=0.8, labelspacing=1.2, handletextpad=0.6)
 
 # %% ../nbs/41_explore_deformable.ipynb #39b54db0
+def _grid(ax, shape, extent, max_lines: int=40):
+    "The level's cells, when there are few enough to see."
+    (H, W), (ew, eh) = shape, extent
+    if max(H, W) > max_lines: return
+    for x in np.linspace(0, ew, W + 1): ax.axvline(x, color='white', lw=0.3, alpha=0.5)
+    for y in np.linspace(0, eh, H + 1): ax.axhline(y, color='white', lw=0.3, alpha=0.5)
+
+# %% ../nbs/41_explore_deformable.ipynb #e4087a32
 @patch
 def draw(self: DeformableExplorer):
     self.fig.clear()
@@ -242,13 +251,6 @@ def draw(self: DeformableExplorer):
     weights_banner(self.fig, self.lm)
     self.shown.update(query=q, dec_layer=layer, reference=ref, box=box, dec_points=n, enc_query=qi, enc_reference=eref,
                       enc_points=en, level_points=per_level)
-
-def _grid(ax, shape, extent, max_lines: int=40):
-    "The level's cells, when there are few enough to see."
-    (H, W), (ew, eh) = shape, extent
-    if max(H, W) > max_lines: return
-    for x in np.linspace(0, ew, W + 1): ax.axvline(x, color='white', lw=0.3, alpha=0.5)
-    for y in np.linspace(0, eh, H + 1): ax.axhline(y, color='white', lw=0.3, alpha=0.5)
 
 # %% ../nbs/41_explore_deformable.ipynb #49630490
 @patch
