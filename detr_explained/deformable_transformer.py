@@ -14,6 +14,7 @@ from .box_ops import inverse_sigmoid
 from .position_encoding import sine_channels
 from .transformer import get_activation
 from .ms_deform_attn import MSDeformAttn
+import detr_explained.ms_deform_attn_fast  # noqa: F401 (importing it registers the fast sampling core, 10a)
 
 # %% auto #0
 __all__ = ['flatten_levels', 'get_valid_ratio', 'encoder_reference_points', 'DeformableTransformerEncoderLayer',

@@ -5,14 +5,15 @@
 # %% ../nbs/10_ms_deform_attn.ipynb #ab234774
 from __future__ import annotations
 import math
+from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch
-from .ms_deform_attn_fast import ms_deform_attn_core_fast
 
 # %% auto #0
-__all__ = ['MSDA_IMPLS', 'ms_deform_attn_core_reference', 'ms_deform_attn_core', 'MSDeformAttn', 'set_ms_deform_attn_impl']
+__all__ = ['MSDA_IMPLS', 'ms_deform_attn_core_reference', 'register_fast_core', 'ms_deform_attn_core', 'MSDeformAttn',
+           'set_ms_deform_attn_impl']
 
 # %% ../nbs/10_ms_deform_attn.ipynb #7837f932
 def ms_deform_attn_core_reference(value: Tensor, # (B, S, M, D) projected values of all levels, S = sum H_l*W_l
@@ -36,11 +37,13 @@ def ms_deform_attn_core_reference(value: Tensor, # (B, S, M, D) projected values
 
 # %% ../nbs/10_ms_deform_attn.ipynb #04fbff79
 MSDA_IMPLS = ('fast', 'reference')
+_FAST: dict = {}   # 'core' and 'applies', set by `ms_deform_attn_fast` (the appendix 10a) when it is imported
 
-def _exporting() -> bool:
-    "True while ONNX export, `torch.jit.trace`, `torch.export` or `torch.compile` records the model."
-    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
+def register_fast_core(core: Callable, # (value, spatial_shapes, sampling_locations, attention_weights) -> (B, Q, M*D)
+                       applies: Callable, # (value, sampling_locations) -> bool: where `core` may run
+                      ):
+    "Make `core` the 'fast' implementation wherever `applies` says it may run (the appendix 10a calls this)."
+    _FAST.update(core=core, applies=applies)
 
 def ms_deform_attn_core(value: Tensor, # (B, S, M, D)
                         spatial_shapes: Tensor, # (L, 2) int64 (H_l, W_l)
@@ -48,12 +51,12 @@ def ms_deform_attn_core(value: Tensor, # (B, S, M, D)
                         attention_weights: Tensor, # (B, Q, M, L, P)
                         impl: str='fast', # 'fast' or 'reference'
                        ) -> Tensor: # (B, Q, M*D)
-    "The core of MSDeformAttn (Eq. 3 without the projections)."
+    "The core of MSDeformAttn (Eq. 3 without the projections): the registered fast core where it applies, else the reference."
     if impl not in MSDA_IMPLS: raise ValueError(f"impl must be one of {MSDA_IMPLS}, got {impl!r}")
-    if (impl == 'reference' or _exporting() or value.dtype not in (torch.float32, torch.float64)
-            or not torch.isfinite(sampling_locations).all()):
-        return ms_deform_attn_core_reference(value, spatial_shapes, sampling_locations, attention_weights)
-    return ms_deform_attn_core_fast(value, spatial_shapes, sampling_locations, attention_weights)
+    if impl == 'fast' and _FAST and _FAST['applies'](value, sampling_locations):
+        return _FAST['core'](value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_core_reference(value, spatial_shapes, sampling_locations, attention_weights)
+
 
 # %% ../nbs/10_ms_deform_attn.ipynb #5787a3a8
 class MSDeformAttn(nn.Module):

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from fastcore.basics import patch
+from .ms_deform_attn import ms_deform_attn_core_reference, register_fast_core
 
 # %% auto #0
-__all__ = ['FAST_KERNELS', 'DENSE_POINTS', 'LevelCanvas', 'MSDeformAttnCanvas', 'MSDeformAttnGather', 'ms_deform_attn_core_fast']
+__all__ = ['FAST_KERNELS', 'DENSE_POINTS', 'LevelCanvas', 'MSDeformAttnCanvas', 'MSDeformAttnGather', 'ms_deform_attn_core_fast',
+           'fast_core_applies']
 
 # %% ../nbs/10a_ms_deform_attn_fast.ipynb #2884834e
 def _pixel_coords(loc: Tensor, # (B, Q, M, L, P, 2) normalised (x, y)
@@ -255,3 +257,19 @@ def ms_deform_attn_core_fast(value: Tensor, # (B, S, M, D)
     if kernel == 'auto': kernel = 'canvas' if Q * L * P >= DENSE_POINTS * S else 'gather'
     core = MSDeformAttnCanvas if kernel == 'canvas' else MSDeformAttnGather
     return core.apply(value, spatial_shapes, sampling_locations, attention_weights)
+
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #be382f34
+def _exporting() -> bool:
+    "True while ONNX export, `torch.jit.trace`, `torch.export` or `torch.compile` records the model."
+    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
+
+def fast_core_applies(value: Tensor, # (B, S, M, D)
+                      sampling_locations: Tensor, # (B, Q, M, L, P, 2)
+                     ) -> bool:
+    "Whether the fast core may run: float32/float64, finite locations, and no export, trace or compile in progress."
+    return (not _exporting() and value.dtype in (torch.float32, torch.float64)
+            and bool(torch.isfinite(sampling_locations).all()))
+
+register_fast_core(ms_deform_attn_core_fast, fast_core_applies)   # importing this module makes 'fast' the fast core
+
