@@ -25,20 +25,20 @@ __all__ = ['HEADS_PER_ROW', 'split_content_position', 'dab_maps', 'DABCapture', 
            'DABExplorer']
 
 # %% ../nbs/42_explore_dab.ipynb #b00499e1
-def split_content_position(x: Tensor, # (B, N, 2D) per-head concatenations [content_m ; position_m], as DAB builds them
+def split_content_position(x: Tensor, # (B, Q, 2C) or (B, HW, 2C): per-head concatenations [content_m ; position_m], as DAB builds them
                            nhead: int, # M
-                          ) -> tuple[Tensor, Tensor]: # content, position: (B, M, N, D/M) each
-    return split_heads(x, nhead).chunk(2, dim=-1)                # (B, N, 2D) -> (B, M, N, 2D/M) -> 2 x (B, M, N, D/M)
+                          ) -> tuple[Tensor, Tensor]: # content, position: (B, M, Q or HW, D) each
+    return split_heads(x, nhead).chunk(2, dim=-1)                # (B, Q, 2C) -> (B, M, Q, 2D) -> 2 x (B, M, Q, D)
 
-def dab_maps(q: Tensor, # (B, Q, 2D) the cross-attention's query input
-             k: Tensor, # (B, HW, 2D) its key input
+def dab_maps(q: Tensor, # (B, Q, 2C) the cross-attention's query input
+             k: Tensor, # (B, HW, 2C) its key input
              nhead: int, # M
              key_padding_mask: Tensor|None=None, # (B, HW) True = padding
             ) -> dict[str, Tensor]: # 'content', 'position', 'full': (B, M, Q, HW) each
     "The cross-attention split into its content and positional logits, each softmaxed alone, and the full attention."
-    scale = (q.shape[-1] // nhead) ** -0.5                        # the layer scales by sqrt(2D/M), both halves together
+    scale = (q.shape[-1] // nhead) ** -0.5                        # the layer scales by 1/sqrt(2D), both halves together
     (qc, qp), (kc, kp) = split_content_position(q, nhead), split_content_position(k, nhead)
-    logits = {'content': qc @ kc.transpose(-1, -2) * scale, 'position': qp @ kp.transpose(-1, -2) * scale}  # (B,M,Q,HW)
+    logits = {'content': qc @ kc.transpose(-1, -2) * scale, 'position': qp @ kp.transpose(-1, -2) * scale}  # (B, M, Q, D) @ (B, M, D, HW) -> (B, M, Q, HW)
     logits['full'] = logits['content'] + logits['position']
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, None]                                     # (B, HW) -> (B, 1, 1, HW)
@@ -49,11 +49,11 @@ def dab_maps(q: Tensor, # (B, Q, 2D) the cross-attention's query input
 @dataclass
 class DABCapture:
     "One forward pass of a DAB-DETR on one image (image 0 of the batch)."
-    anchors: Tensor       # (L, Q, 4) anchor entering each decoder layer, cxcywh in (0, 1)
-    boxes: Tensor         # (L, Q, 4) each layer's predicted boxes
-    scores: Tensor        # (L, Q) best class probability (sigmoid)
-    labels: Tensor        # (L, Q)
-    maps: dict            # 'position', 'content', 'full': (L, M, Q, HW) each
+    anchors: Tensor       # (N_dec, Q, 4) anchor entering each decoder layer, cxcywh in (0, 1)
+    boxes: Tensor         # (N_dec, Q, 4) each layer's predicted boxes
+    scores: Tensor        # (N_dec, Q) best class probability (sigmoid)
+    labels: Tensor        # (N_dec, Q)
+    maps: dict            # 'position', 'content', 'full': (N_dec, M, Q, HW) each
     feature_hw: tuple     # (H, W)
     stride: float         # image pixels per feature cell
     num_anchors: int      # learned anchors; query k uses anchor k % num_anchors (patterns)
@@ -73,6 +73,7 @@ def _record_layers(hs: HookSet, layers, records: list):
             records[i].update(q=b['query'], k=b['key'], v=b['value'], output=out)
         hs.pre(layer, on_layer); hs.post(layer.cross_attn, on_cross)
 
+# %% ../nbs/42_explore_dab.ipynb #cf1d6539
 @torch.no_grad()
 def capture_dab(model: nn.Module, image: ExplorerImage) -> DABCapture:
     "Run a DAB-DETR on `image` with hooks on its decoder."
@@ -85,10 +86,10 @@ def capture_dab(model: nn.Module, image: ExplorerImage) -> DABCapture:
         out = model(image.tensor, image.mask)
     M = dec.layers[0].nhead
     per_layer = [dab_maps(r['q'], r['k'], M, r['mask']) for r in records]
-    maps = {n: torch.stack([p[n][0] for p in per_layer]) for n in ('position', 'content', 'full')}   # (L, M, Q, HW)
+    maps = {n: torch.stack([p[n][0] for p in per_layer]) for n in ('position', 'content', 'full')}   # (N_dec, M, Q, HW)
     logits, boxes = layer_predictions(out)
     scores, labels = query_scores(logits[:, 0], softmax=False)
-    anchors = got['references'][:, 0].expand(len(records), -1, -1)     # (L or 1, Q, 4): 1 when the anchors never move
+    anchors = got['references'][:, 0].expand(len(records), -1, -1)     # (N_dec or 1, Q, 4) -> (N_dec, Q, 4): 1 when the anchors never move
     return DABCapture(anchors, boxes[:, 0], scores, labels, maps, got['hw'], model.backbone.strides[-1],
                       model.refpoint_embed.weight.shape[0], records, out)
 
@@ -145,6 +146,7 @@ def draw_anchors(self: DABExplorer, ax, cax):
     self.shown.update(query=q, layer=layer, anchor=box_to_pixels(cap.anchors[layer, q], hw),
                       track=[box_to_pixels(b, hw) for b in track], boxes_drawn=len(cap.anchors[layer]) + len(track))
 
+# %% ../nbs/42_explore_dab.ipynb #d677fac3
 @patch
 def draw_map(self: DABExplorer, ax, cax, kind: str, head, small=False, vmax=None):
     q, layer, cap, hw = self.value('query'), self.value('layer'), self.cap, self.image.rgb.shape[:2]
@@ -184,6 +186,7 @@ def draw(self: DABExplorer):
     weights_banner(self.fig, self.lm)
     self.shown['heads_drawn'] = M
 
+# %% ../nbs/42_explore_dab.ipynb #ef3e2285
 @patch
 def on_click(self: DABExplorer, event):
     if event.inaxes is not getattr(self, 'ax_anchor', None) or event.xdata is None: return
