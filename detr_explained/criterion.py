@@ -102,23 +102,28 @@ class SetCriterion(nn.Module):
     def class_loss(self, logits: Tensor, classes: Tensor, num_boxes: float) -> Tensor: # (B, Q, K+1), (B, Q) -> ()
         "Softmax cross-entropy over K+1 classes, no-object weighted by `eos_coef`: a weighted mean over all B*Q queries."
         weight = self.empty_weight if self.eos_coef is not None else None
-        return F.cross_entropy(logits.transpose(1, 2), classes, weight)                     # classes on dim 1: (B, K+1, Q)
+        return F.cross_entropy(logits.transpose(1, 2), classes, weight)   # (B, Q, K+1) -> (B, K+1, Q): classes on dim 1
 
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True) -> dict[str, Tensor]:
-        logits = outputs['pred_logits']                                                      # (B, Q, K') K' = K+1 or K
-        classes = target_classes(indices, targets, logits.shape[:2], self.num_classes, logits.device)  # (B, Q)
-        losses = {'loss_ce': self.class_loss(logits, classes, num_boxes)}
-        if log: losses['class_error'] = class_error(logits[matched_queries(indices)], matched_targets(targets, indices, 'labels').to(logits.device))
-        return losses
+# %% ../nbs/07_criterion.ipynb #c0cf2e4a
+@patch
+def loss_labels(self: SetCriterion, outputs, targets, indices, num_boxes, log=True) -> dict[str, Tensor]:
+    logits = outputs['pred_logits']                                                      # (B, Q, K') K' = K+1 or K
+    classes = target_classes(indices, targets, logits.shape[:2], self.num_classes, logits.device)  # (B, Q)
+    losses = {'loss_ce': self.class_loss(logits, classes, num_boxes)}
+    if log: losses['class_error'] = class_error(logits[matched_queries(indices)], matched_targets(targets, indices, 'labels').to(logits.device))
+    return losses
 
-    def loss_cardinality(self, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
-        return {'cardinality_error': cardinality_error(outputs['pred_logits'], targets)}
+@patch
+def loss_cardinality(self: SetCriterion, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
+    return {'cardinality_error': cardinality_error(outputs['pred_logits'], targets)}
 
-    def matched_boxes(self, outputs, targets, indices) -> tuple[Tensor, Tensor]: # (N, 4) predicted, (N, 4) target
-        return outputs['pred_boxes'][matched_queries(indices)], matched_targets(targets, indices, 'boxes').to(outputs['pred_boxes'].device)
+@patch
+def matched_boxes(self: SetCriterion, outputs, targets, indices) -> tuple[Tensor, Tensor]: # (N, 4) predicted, (N, 4) target
+    return outputs['pred_boxes'][matched_queries(indices)], matched_targets(targets, indices, 'boxes').to(outputs['pred_boxes'].device)
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
-        return box_losses(*self.matched_boxes(outputs, targets, indices), num_boxes)
+@patch
+def loss_boxes(self: SetCriterion, outputs, targets, indices, num_boxes) -> dict[str, Tensor]:
+    return box_losses(*self.matched_boxes(outputs, targets, indices), num_boxes)
 
 # %% ../nbs/07_criterion.ipynb #813b5879
 @patch
@@ -235,6 +240,7 @@ class PostProcess(nn.Module):
         boxes = scale_boxes(outputs['pred_boxes'], target_sizes)
         return [{'scores': s, 'labels': l, 'boxes': b} for s, l, b in zip(scores, labels, boxes)]
 
+# %% ../nbs/07_criterion.ipynb #8621feec
 class PostProcessTopK(nn.Module):
     "Deformable DETR / DAB-DETR: sigmoid, the `num_select` best (query, class) pairs per image, boxes to absolute xyxy."
     def __init__(self, num_select: int=100): # Deformable DETR 100, DAB-DETR 300

@@ -19,43 +19,43 @@ __all__ = ['split_heads', 'attention_weights', 'MultiheadAttentionNoProj', 'dab_
            'make_query_scale', 'update_anchors', 'DABTransformerDecoder', 'DABTransformer']
 
 # %% ../nbs/15_dab_transformer.ipynb #79560494
-def split_heads(x: Tensor, nhead: int) -> Tensor: # (B, N, E) -> (B, M, N, E/M)
+def split_heads(x: Tensor, nhead: int) -> Tensor: # (B, N, C) -> (B, M, N, C/M)
     B, N, E = x.shape
-    return x.view(B, N, nhead, E // nhead).transpose(1, 2)
+    return x.view(B, N, nhead, E // nhead).transpose(1, 2)   # (B, N, C) -> (B, N, M, C/M) -> (B, M, N, C/M)
 
-def attention_weights(q: Tensor, # (B, Q, E) queries, already projected
-                      k: Tensor, # (B, S, E) keys, already projected
+def attention_weights(q: Tensor, # (B, Q, C) queries, already projected (C: their width)
+                      k: Tensor, # (B, S, C) keys, already projected
                       nhead: int, # M
                       key_padding_mask: Tensor|None=None, # (B, S) bool, True = padding (ignored)
                      ) -> Tensor: # (B, M, Q, S), rows sum to 1
     "softmax(q_m k_m^T / sqrt(E/M)) per head m, padding keys excluded."
-    logits = split_heads(q, nhead) @ split_heads(k, nhead).transpose(-1, -2) * (q.shape[-1] // nhead) ** -0.5   # (B, M, Q, S)
+    logits = split_heads(q, nhead) @ split_heads(k, nhead).transpose(-1, -2) * (q.shape[-1] // nhead) ** -0.5   # (B, M, S, D) -> (B, M, D, S); logits (B, M, Q, S)
     if key_padding_mask is not None: logits = logits.masked_fill(key_padding_mask[:, None, None, :], float('-inf'))
     return logits.softmax(-1)
 
 # %% ../nbs/15_dab_transformer.ipynb #093c3076
 class MultiheadAttentionNoProj(nn.Module):
     "Multi-head attention on already-projected q, k, v (official DAB-DETR `MultiheadAttention`): only `out_proj` is learned."
-    def __init__(self, embed_dim: int, # E: width of queries and keys (2D in the cross-attention)
+    def __init__(self, embed_dim: int, # width of queries and keys (2C in the cross-attention)
                  num_heads: int, # M
                  dropout: float=0., # on the attention weights
-                 vdim: int|None=None): # width of the values and of the output (default E)
+                 vdim: int|None=None): # width of the values and of the output (default embed_dim)
         super().__init__()
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.vdim = vdim or embed_dim
         self.out_proj = nn.Linear(self.vdim, self.vdim)
         nn.init.constant_(self.out_proj.bias, 0.)
 
-    def forward(self, query: Tensor, # (B, Q, E)
-                key: Tensor, # (B, S, E)
-                value: Tensor, # (B, S, vdim)
+    def forward(self, query: Tensor, # (B, Q, 2C) in the cross-attention
+                key: Tensor, # (B, S, 2C)
+                value: Tensor, # (B, S, C) (vdim = C)
                 key_padding_mask: Tensor|None=None, # (B, S) bool, True = padding
-               ) -> Tensor: # (B, Q, vdim)
+               ) -> Tensor: # (B, Q, C)
         M = self.num_heads
         keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]   # (B, 1, 1, S), True = attend
         out = F.scaled_dot_product_attention(split_heads(query, M), split_heads(key, M), split_heads(value, M),
-                                             attn_mask=keep, dropout_p=self.dropout if self.training else 0.)  # (B, M, Q, vdim/M)
-        return self.out_proj(out.transpose(1, 2).flatten(2))                                 # (B, M, Q, vdim/M) -> (B, Q, vdim)
+                                             attn_mask=keep, dropout_p=self.dropout if self.training else 0.)  # (B, M, Q, D)
+        return self.out_proj(out.transpose(1, 2).flatten(2))                                 # (B, M, Q, D) -> (B, Q, M, D) -> (B, Q, C)
 
 # %% ../nbs/15_dab_transformer.ipynb #185c77ee
 def dab_encoder_layer(d_model: int, nhead: int, dim_feedforward: int=2048, dropout: float=0.,
@@ -101,16 +101,18 @@ class DABDecoderLayer(nn.Module):
 
     def ffn(self, x: Tensor) -> Tensor: return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, tgt: Tensor, # (B, Q, D) content queries C
-                memory: Tensor, # (B, HW, D) encoder output F
-                pos: Tensor, # (B, HW, D) image positional encoding PE(x, y)
-                query_pos: Tensor, # (B, Q, D) positional queries P = MLP(PE(A))
-                query_sine_embed: Tensor, # (B, Q, D) PE(x_q, y_q) scaled and modulated
-                memory_key_padding_mask: Tensor|None=None, # (B, HW) bool, True = padding
-               ) -> Tensor: # (B, Q, D)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attend(tgt, query_pos)))
-        tgt = self.norm2(tgt + self.dropout2(self.cross_attend(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)))
-        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+# %% ../nbs/15_dab_transformer.ipynb #1fcd6c21
+@patch
+def forward(self: DABDecoderLayer, tgt: Tensor, # (B, Q, D) content queries C
+            memory: Tensor, # (B, HW, D) encoder output F
+            pos: Tensor, # (B, HW, D) image positional encoding PE(x, y)
+            query_pos: Tensor, # (B, Q, D) positional queries P = MLP(PE(A))
+            query_sine_embed: Tensor, # (B, Q, D) PE(x_q, y_q) scaled and modulated
+            memory_key_padding_mask: Tensor|None=None, # (B, HW) bool, True = padding
+           ) -> Tensor: # (B, Q, D)
+    tgt = self.norm1(tgt + self.dropout1(self.self_attend(tgt, query_pos)))
+    tgt = self.norm2(tgt + self.dropout2(self.cross_attend(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)))
+    return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
 # %% ../nbs/15_dab_transformer.ipynb #9a927ba9
 @patch
@@ -166,7 +168,7 @@ def positional_logits(query_sine_embed: Tensor, # (..., Q, D) [PE(y_q) ; PE(x_q)
                       key_pos: Tensor, # (..., HW, D) [PE(y) ; PE(x)] of the pixels
                      ) -> Tensor: # (..., Q, HW)
     "The idealised positional attention logits of Eq. 5-6: query·key / sqrt(D), no projections."
-    return query_sine_embed @ key_pos.transpose(-1, -2) / query_sine_embed.shape[-1] ** 0.5
+    return query_sine_embed @ key_pos.transpose(-1, -2) / query_sine_embed.shape[-1] ** 0.5   # (..., HW, D) -> (..., D, HW); logits (..., Q, HW)
 
 def pixel_grid(h: int, w: int) -> Tensor: # (h·w, 2) (x, y) at DETR's normalised coordinates ((j+1)/w, (i+1)/h)
     ys, xs = torch.meshgrid((torch.arange(h) + 1.) / h, (torch.arange(w) + 1.) / w, indexing='ij')
@@ -180,7 +182,7 @@ def positional_attention(layer: DABDecoderLayer,
                         ) -> Tensor: # (B, M, Q, HW)
     "Softmax of the positional half of a layer's cross-attention logits alone, per head (the model's own positional map)."
     q, k = layer.ca_qpos_sine_proj(query_sine_embed), layer.ca_kpos_proj(pos)
-    logits = split_heads(q, layer.nhead) @ split_heads(k, layer.nhead).transpose(-1, -2) * (2 * q.shape[-1] // layer.nhead) ** -0.5
+    logits = split_heads(q, layer.nhead) @ split_heads(k, layer.nhead).transpose(-1, -2) * (2 * q.shape[-1] // layer.nhead) ** -0.5   # (B, M, HW, D) -> (B, M, D, HW); logits (B, M, Q, HW)
     if key_padding_mask is not None: logits = logits.masked_fill(key_padding_mask[:, None, None, :], float('-inf'))
     return logits.softmax(-1)
 
@@ -245,7 +247,7 @@ def forward(self: DABTransformerDecoder,
             pos: Tensor, # (B, HW, D)
             refpoints_unsigmoid: Tensor, # (B, Q, 4) initial anchors, before the sigmoid
             memory_key_padding_mask: Tensor|None=None, # (B, HW)
-           ) -> tuple[Tensor, Tensor]: # hs (L, B, Q, D) normed outputs; references (L, B, Q, 4) anchor entering each layer
+           ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q, C) normed outputs; references (N_dec, B, Q, 4) anchor entering each layer
     "Run the layers; with `bbox_embed` set, move the anchors after each layer (detached for the next layer)."
     anchors = refpoints_unsigmoid.sigmoid()
     references, states, out = [anchors], [], tgt
@@ -257,7 +259,7 @@ def forward(self: DABTransformerDecoder,
             if layer_id < self.num_layers - 1: references.append(new_anchors)      # kept with its gradient, for the losses
             anchors = new_anchors.detach()                                           # the next layer gets it detached
         states.append(self.norm(out))
-    return torch.stack(states), torch.stack(references)                            # (L, B, Q, D), (L or 1, B, Q, 4)
+    return torch.stack(states), torch.stack(references)                            # (N_dec, B, Q, C), (N_dec or 1, B, Q, 4)
 
 # %% ../nbs/15_dab_transformer.ipynb #89066c8f
 class DABTransformer(nn.Module):
@@ -283,7 +285,7 @@ class DABTransformer(nn.Module):
                 mask: Tensor, # (B, H, W) bool, True = padding
                 refpoint_embed: Tensor, # (Q, 4) anchors before the sigmoid
                 pos_embed: Tensor, # (B, D, H, W) image positional encoding
-               ) -> tuple[Tensor, Tensor]: # hs (L, B, P·Q, D), references (L, B, P·Q, 4)
+               ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q', C), references (N_dec, B, Q', 4)
         B = src.shape[0]
         tokens, pos = src.flatten(2).permute(2, 0, 1), pos_embed.flatten(2).permute(2, 0, 1)   # (B, D, H, W) -> (HW, B, D)
         mask = mask.flatten(1)                                                                # (B, H, W) -> (B, HW)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
+from fastcore.basics import patch
 from scipy.optimize import linear_sum_assignment
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
@@ -105,23 +106,27 @@ class HungarianMatcher(nn.Module):
         if self.focal: return focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
         return softmax_class_cost(logits, labels)
 
-    @torch.no_grad()
-    def padded_cost(self, outputs: dict, targets: list[dict]) -> tuple[Tensor, list[int]]: # (B, Q, T) on CPU (T = max T_i), [T_i]
-        "The cost of every query of image i for the (padded) targets of image i, in one pass."
-        logits, boxes = (outputs[k] for k in ('pred_logits', 'pred_boxes'))          # (B, Q, K), (B, Q, 4)
-        logits, boxes = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (logits, boxes))  # half -> float32
-        labels, tgt_boxes, sizes = pad_targets(targets, boxes)                         # (B, T), (B, T, 4)
-        C = match_cost(self.class_cost(logits, labels), boxes, tgt_boxes, self.cost_class, self.cost_bbox, self.cost_giou)
-        return C.cpu(), sizes
+# %% ../nbs/06_matcher.ipynb #303b15f7
+@patch
+@torch.no_grad()
+def padded_cost(self: HungarianMatcher, outputs: dict, targets: list[dict]) -> tuple[Tensor, list[int]]: # (B, Q, T) on CPU (T = max T_i), [T_i]
+    "The cost of every query of image i for the (padded) targets of image i, in one pass."
+    logits, boxes = (outputs[k] for k in ('pred_logits', 'pred_boxes'))          # (B, Q, K), (B, Q, 4)
+    logits, boxes = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (logits, boxes))  # half -> float32
+    labels, tgt_boxes, sizes = pad_targets(targets, boxes)                         # (B, T), (B, T, 4)
+    C = match_cost(self.class_cost(logits, labels), boxes, tgt_boxes, self.cost_class, self.cost_bbox, self.cost_giou)
+    return C.cpu(), sizes
 
-    def costs(self, outputs: dict, targets: list[dict]) -> list[Tensor]: # [(Q, T_i)] per image
-        C, sizes = self.padded_cost(outputs, targets)
-        return [C[i, :, :n] for i, n in enumerate(sizes)]
+@patch
+def costs(self: HungarianMatcher, outputs: dict, targets: list[dict]) -> list[Tensor]: # [(Q, T_i)] per image
+    C, sizes = self.padded_cost(outputs, targets)
+    return [C[i, :, :n] for i, n in enumerate(sizes)]
 
-    @torch.no_grad()
-    def forward(self, outputs: dict, # pred_logits (B, Q, K), pred_boxes (B, Q, 4); other keys ignored
-                targets: list[dict], # per image: labels (T_i,) int64, boxes (T_i, 4) cxcywh
-               ) -> list[tuple[Tensor, Tensor]]: # per image (query_idx ascending, target_idx), int64
-        C, sizes = self.padded_cost(outputs, targets)
-        C = C.numpy()                                           # one conversion, then views per image
-        return [hungarian(C[i, :, :n]) for i, n in enumerate(sizes)]
+@patch
+@torch.no_grad()
+def forward(self: HungarianMatcher, outputs: dict, # pred_logits (B, Q, K), pred_boxes (B, Q, 4); other keys ignored
+            targets: list[dict], # per image: labels (T_i,) int64, boxes (T_i, 4) cxcywh
+           ) -> list[tuple[Tensor, Tensor]]: # per image (query_idx ascending, target_idx), int64
+    C, sizes = self.padded_cost(outputs, targets)
+    C = C.numpy()                                           # one conversion, then views per image
+    return [hungarian(C[i, :, :n]) for i, n in enumerate(sizes)]

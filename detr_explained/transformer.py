@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from fastcore.basics import patch
 
 from .core import clones
 
@@ -88,28 +89,32 @@ class TransformerDecoderLayer(nn.Module):
     def ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def self_attend(self, tgt, query_pos):  # q = k = tgt + query_pos, v = tgt; (Q, B, C)
-        q = k = with_pos(tgt, query_pos)
-        return self.self_attn(q, k, value=tgt, need_weights=self.impl == 'reference')[0]
+# %% ../nbs/05_transformer.ipynb #ea896223
+@patch
+def self_attend(self: TransformerDecoderLayer, tgt, query_pos):  # q = k = tgt + query_pos, v = tgt; (Q, B, C)
+    q = k = with_pos(tgt, query_pos)
+    return self.self_attn(q, k, value=tgt, need_weights=self.impl == 'reference')[0]
 
-    def cross_attend(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
-        # q = tgt + query_pos (Q, B, C); k = memory + pos, v = memory (HW, B, C)
-        return self.multihead_attn(with_pos(tgt, query_pos), with_pos(memory, pos), value=memory,
-                                   key_padding_mask=memory_key_padding_mask, need_weights=self.impl == 'reference')[0]
+@patch
+def cross_attend(self: TransformerDecoderLayer, tgt, memory, memory_key_padding_mask, pos, query_pos):
+    # q = tgt + query_pos (Q, B, C); k = memory + pos, v = memory (HW, B, C)
+    return self.multihead_attn(with_pos(tgt, query_pos), with_pos(memory, pos), value=memory,
+                               key_padding_mask=memory_key_padding_mask, need_weights=self.impl == 'reference')[0]
 
-    def forward(self, tgt: Tensor, # (Q, B, C) decoder state
-                memory: Tensor, # (HW, B, C) encoder output
-                memory_key_padding_mask: Tensor|None=None, # (B, HW) bool, True = padding
-                pos: Tensor|None=None, # (HW, B, C) image positional encoding
-                query_pos: Tensor|None=None, # (Q, B, C) object queries (query_embed)
-               ) -> Tensor: # (Q, B, C)
-        if self.normalize_before:
-            tgt = tgt + self.dropout1(self.self_attend(self.norm1(tgt), query_pos))
-            tgt = tgt + self.dropout2(self.cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos))
-            return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self.self_attend(tgt, query_pos)))
-        tgt = self.norm2(tgt + self.dropout2(self.cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos)))
-        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+@patch
+def forward(self: TransformerDecoderLayer, tgt: Tensor, # (Q, B, C) decoder state
+            memory: Tensor, # (HW, B, C) encoder output
+            memory_key_padding_mask: Tensor|None=None, # (B, HW) bool, True = padding
+            pos: Tensor|None=None, # (HW, B, C) image positional encoding
+            query_pos: Tensor|None=None, # (Q, B, C) object queries (query_embed)
+           ) -> Tensor: # (Q, B, C)
+    if self.normalize_before:
+        tgt = tgt + self.dropout1(self.self_attend(self.norm1(tgt), query_pos))
+        tgt = tgt + self.dropout2(self.cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos))
+        return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
+    tgt = self.norm1(tgt + self.dropout1(self.self_attend(tgt, query_pos)))
+    tgt = self.norm2(tgt + self.dropout2(self.cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos)))
+    return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
 # %% ../nbs/05_transformer.ipynb #092062f0
 class TransformerEncoder(nn.Module):

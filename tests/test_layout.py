@@ -91,7 +91,7 @@ NBS = PKG.parent/'nbs'
 _PAREN = re.compile(r'\(([^()]*)\)')
 _SPLIT = re.compile(r"\s*(?:[+\-*/×·]|\bor\b|\bsum\b)\s*|\s+")
 # Notebooks whose owners have not yet moved their shape comments to the legend; remove a name once it passes.
-SHAPES_TO_DO = {'10_ms_deform_attn', '15_dab_transformer', '25_course_models'}
+SHAPES_TO_DO = {'25_course_models'}
 
 
 _LEVELS_ONLY = 'L is feature levels only (decoder layers: N_dec)'
