@@ -50,14 +50,14 @@ def _proposals_by_arange(memory: Tensor, memory_padding_mask: Tensor, spatial_sh
     B = memory.shape[0]
     proposals, start = [], 0
     for lvl, (H, W) in enumerate(sizes):
-        mask = memory_padding_mask[:, start:start + H * W].view(B, H, W)
+        mask = memory_padding_mask[:, start:start + H * W].view(B, H, W)   # (B, HW) -> (B, H, W)
         valid_H, valid_W = torch.sum(~mask[:, :, 0], 1), torch.sum(~mask[:, 0, :], 1)
         grid_y, grid_x = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=memory.device),
                                         torch.arange(W, dtype=torch.float32, device=memory.device), indexing='ij')
-        scale = torch.stack([valid_W, valid_H], 1).view(B, 1, 1, 2)
+        scale = torch.stack([valid_W, valid_H], 1).view(B, 1, 1, 2)   # (B, 2) -> (B, 1, 1, 2)
         centre = (torch.stack([grid_x, grid_y], -1)[None].expand(B, -1, -1, -1) + 0.5) / scale   # (B, H, W, 2)
         wh = torch.ones_like(centre) * 0.05 * (2.0 ** lvl)
-        proposals.append(torch.cat((centre, wh), -1).view(B, -1, 4))                             # (B, HW, 4)
+        proposals.append(torch.cat((centre, wh), -1).view(B, -1, 4))                             # (B, H, W, 4) -> (B, HW, 4)
         start += H * W
     proposals = torch.cat(proposals, 1)                                                           # (B, S, 4)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
@@ -85,9 +85,9 @@ def export_levels():
                  core=msda.ms_deform_attn_core_reference, forward=msda.MSDeformAttn.forward)
     def flatten_levels(srcs, masks, pos_embeds, level_embed):
         sizes[:] = [tuple(s.shape[-2:]) for s in srcs]
-        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)                   # (B, S, C)
-        mask = torch.cat([m.flatten(1) for m in masks], 1)                                  # (B, S)
-        pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l].view(1, 1, -1)
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)                   # (B, C, H, W) -> (B, HW, C), cat -> (B, S, C)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)                                  # (B, H, W) -> (B, HW), cat -> (B, S)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l].view(1, 1, -1)   # (B, C, H, W) -> (B, HW, C), + (C,) -> (1, 1, C)
                          for l, p in enumerate(pos_embeds)], 1)
         return (src, mask, pos, *_symbolic_spatial_shapes(sizes, src.device))
     dt.flatten_levels = flatten_levels
@@ -110,6 +110,7 @@ def _name_axes(model_proto, names: dict[str, list[str|None]]) -> None:
         for dim, name in zip(v.type.tensor_type.shape.dim, names.get(v.name, [])):
             if name is not None and dim.HasField('dim_param'): dim.dim_param = name
 
+# %% ../nbs/34_export.ipynb #d92ec5c0
 def export_onnx(model: nn.Module, # a library model (eval mode)
                 path: str|Path, # the .onnx file to write
                 metadata: dict|None=None, # JSON-able values stored in the file ('family', 'config', 'image_size', ...)
@@ -148,6 +149,7 @@ def _sorted(logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     order = torch.sort(logits.max(-1).values, dim=-1, descending=True, stable=True).indices   # (B, Q)
     return logits.gather(1, order[..., None].expand_as(logits)), boxes.gather(1, order[..., None].expand_as(boxes))
 
+# %% ../nbs/34_export.ipynb #37162454
 def onnx_session(path: str|Path, threads: int|None=None):
     "An ONNX Runtime CPU session (`threads` intra-op threads; None: ONNX Runtime's default)."
     import onnxruntime as ort
@@ -246,6 +248,11 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--no-check', action='store_true', help='skip the ONNX Runtime vs PyTorch check')
     return p
 
+# %% ../nbs/34_export.ipynb #303f55d0
+def _fail(cmd: str, message: str, code: int=2) -> int:
+    print(f"detr-explained {cmd}: error: {message}", file=sys.stderr)
+    return code
+
 def run_export(ns: argparse.Namespace) -> int:
     "`detr-explained export`: build, export, check; one line on success, one line (exit 2) on a user error."
     out = Path(ns.out)
@@ -262,10 +269,6 @@ def run_export(ns: argparse.Namespace) -> int:
     check = '' if worst is None else f"; ONNX Runtime = PyTorch within {worst:.1e} at {sizes}"
     print(f"wrote {out} ({meta['family']}, {out.stat().st_size / 2**20:.1f} MiB){check}")
     return 0
-
-def _fail(cmd: str, message: str, code: int=2) -> int:
-    print(f"detr-explained {cmd}: error: {message}", file=sys.stderr)
-    return code
 
 def main_export(argv: list[str]|None=None) -> int:
     "`detr-explained export ...` as a function."
