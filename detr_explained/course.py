@@ -5,7 +5,7 @@
 # %% ../nbs/25_course_models.ipynb #ee60b4fe
 from __future__ import annotations
 import hashlib, json, os, resource, tempfile, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
 import torch
@@ -19,11 +19,12 @@ from .train import Trainer, train_config, model_config, datasets_from_folder, ad
 from .evaluate import evaluate_dataset, coco_evaluator, STAT_NAMES
 
 # %% auto #0
-__all__ = ['COURSE_DIR', 'COURSE_FORMAT', 'BACKBONE_FORMAT', 'COURSE_DATA', 'BODY', 'RECIPES', 'CourseModelError', 'Recipe',
-           'quantize_per_channel', 'dequantize', 'pack_backbone', 'unpack_backbone', 'split_weights', 'pack_model',
-           'model_file', 'card_file', 'backbone_file', 'read_packed', 'build_packed', 'CourseModel',
-           'course_model_names', 'course_model', 'cpu_seconds', 'recipe_trainer', 'store_course_model',
-           'build_course_model', 'rebuild_course_models', 'course_cards', 'cards_table', 'main_course_models']
+__all__ = ['COURSE_DIR', 'COURSE_FORMAT', 'BACKBONE_FORMAT', 'COURSE_DATA', 'BODY', 'COURSE_TRAIN', 'COURSE_SIZE', 'RECIPES',
+           'CourseModelError', 'Recipe', 'quantize_per_channel', 'dequantize', 'pack_backbone', 'unpack_backbone',
+           'split_weights', 'pack_model', 'model_file', 'card_file', 'backbone_file', 'read_packed', 'build_packed',
+           'CourseModel', 'course_model_names', 'course_model', 'cpu_seconds', 'recipe_configs', 'recipe_trainer',
+           'store_course_model', 'build_course_model', 'rebuild_course_models', 'course_cards', 'cards_table',
+           'main_course_models']
 
 # %% ../nbs/25_course_models.ipynb #8a6b4422
 _HERE = Path(__file__).parent if '__file__' in globals() else Path('../detr_explained')   # notebook: run in nbs/
@@ -31,23 +32,31 @@ COURSE_DIR = _HERE/'course_models'
 COURSE_FORMAT, BACKBONE_FORMAT = 'detr_explained/course_model/v1', 'detr_explained/course_backbone/v1'
 COURSE_DATA = dict(n_train=1000, n_val=200, size=128, seed=0)     # the synthetic set of `detr-explained demo`
 BODY = 'backbone.0.body.'                                          # the ResNet's keys in every family's state_dict
+COURSE_TRAIN = dict(preset='course', image_size=128, augment='flip', seed=42, train_stem=True, trainable_norm=True,
+                    checkpoint_every=100, epoch_checkpoints=True, eval_every=3)   # TrainConfig: session 2's 'demo'
+COURSE_SIZE = dict(backbone='resnet18', dilation=False, hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
+                   dim_feedforward=256, dropout=0.0, num_queries=12, batch_size=4)   # every course model's shape
+_ON_SHARED = dict(lr=5e-4, lr_backbone=0.0, epochs=8, lr_drop=7)  # official lr x 5 on the frozen shared ResNet, 2000 steps
 
 class CourseModelError(ValueError):
     "An unknown course model, or a shipped file that is missing or not what it should be."
 
 @dataclass(frozen=True)
 class Recipe:
-    "How one course model is made: the 'demo' preset with `model` changes, trained by the library's Trainer."
+    "How one course model is made: every config field pinned, trained by the library's Trainer."
     name: str                       # file stem under course_models/
     family: str                     # a registered family
-    model: dict = field(default_factory=dict)   # model-config changes on top of the 'demo' preset
+    model: dict = field(default_factory=dict)   # model fields on top of the family's official config and COURSE_SIZE
     backbone_from: str|None = None  # None: its ResNet-18 trains from scratch; a name: that model's ResNet, frozen
     threads: int = 2                # torch threads while training (the numbers are reproducible for a given count)
+    train: dict = field(default_factory=lambda: dict(COURSE_TRAIN))   # TrainConfig fields (on the official defaults)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe('deformable_detr', 'deformable_detr'),                          # = `detr-explained demo` (box refinement)
-    Recipe('detr', 'detr', dict(lr=5e-4, epochs=8, lr_drop=7), backbone_from='deformable_detr'),
-    Recipe('dab_detr', 'dab_detr', dict(lr=5e-4, epochs=8, lr_drop=7), backbone_from='deformable_detr'),
+    Recipe('deformable_detr', 'deformable_detr',                          # session 2's `detr-explained demo`, pinned
+           dict(variant='box_refine', lr=1e-3, lr_backbone=5e-4, epochs=13, lr_drop=12)),
+    Recipe('detr', 'detr', _ON_SHARED, backbone_from='deformable_detr'),
+    Recipe('dab_detr', 'dab_detr', _ON_SHARED, backbone_from='deformable_detr'),
+    Recipe('dab_deformable_detr', 'dab_deformable_detr', _ON_SHARED, backbone_from='deformable_detr', threads=1),
 )}
 
 # %% ../nbs/25_course_models.ipynb #4c8fb525
@@ -159,13 +168,18 @@ def cpu_seconds() -> float:
 
 def _sha256(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
+def recipe_configs(recipe: Recipe, num_classes: int, backbone: Path|None=None, max_steps: int|None=None):
+    "(TrainConfig, model config) of a recipe: the official defaults, then COURSE_SIZE, the recipe's fields, the backbone."
+    tcfg = replace(train_config('official'), **{**recipe.train, 'family': recipe.family, 'max_steps': max_steps})
+    shared = {} if recipe.backbone_from is None else dict(lr_backbone=0.0, pretrained_backbone=str(backbone))
+    cfg = model_config(recipe.family, 'official', **{**COURSE_SIZE, 'num_classes': num_classes, **recipe.model, **shared})
+    return tcfg, cfg
+
 def recipe_trainer(recipe: Recipe, data: Path, run_dir: Path, backbone: Path|None=None, progress: bool=False,
                    max_steps: int|None=None) -> Trainer:
-    "A recipe's Trainer: `train_config('demo')`, `model_config(family, 'demo', ...)`, as `detr-explained demo` has it."
-    tcfg = train_config('demo', family=recipe.family, max_steps=max_steps)
-    train_ds, val_ds = datasets_from_folder(data, tcfg)
-    frozen = {} if recipe.backbone_from is None else dict(lr_backbone=0.0, pretrained_backbone=str(backbone))
-    cfg = model_config(recipe.family, 'demo', **{'num_classes': train_ds.num_classes, **recipe.model, **frozen})
+    "A recipe's Trainer on the synthetic set in `data` (evaluating every 3 epochs, as the recipe's TrainConfig says)."
+    train_ds, val_ds = datasets_from_folder(data, recipe_configs(recipe, 1)[0])
+    tcfg, cfg = recipe_configs(recipe, train_ds.num_classes, backbone, max_steps)
     return Trainer(tcfg, cfg, train_ds, run_dir, coco_evaluator(val_ds), progress=progress)
 
 # %% ../nbs/25_course_models.ipynb #d517fa47
@@ -181,7 +195,7 @@ def store_course_model(name: str, ckpt: dict, # a Trainer's state() (or its chec
     atomic_save(packed, model_file(name, out))
     body = unpack_backbone(read_packed(backbone_file(packed['backbone'], out), BACKBONE_FORMAT))
     model, post = build_packed(packed, body)
-    _, val_ds = datasets_from_folder(data, train_config('demo', family=recipe.family))
+    _, val_ds = datasets_from_folder(data, recipe_configs(recipe, 1)[0])
     m = evaluate_dataset(model, post, val_ds, progress=False)
     files = [model_file(name, out)] + ([backbone_file(name, out)] if recipe.backbone_from is None else [])
     card = {'name': name, 'family': recipe.family, 'title': get_family(recipe.family).title, 'recipe': asdict(recipe),

@@ -5,7 +5,7 @@
 # %% ../nbs/26_race.ipynb #e1ef9b4c
 from __future__ import annotations
 import math, multiprocessing as mp, os, platform, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from torch import nn, Tensor
 import matplotlib.pyplot as plt
 
 from .core import atomic_write_json
-from .transformer import MLP
+from .transformer import MLP, ATTENTION_IMPLS, set_attention_impl
 from .dab_anchors import gen_sineembed_for_position, init_refpoints
 from .family import get_family
 from .synthetic import make_synthetic
@@ -24,7 +24,8 @@ from .course import COURSE_DATA, BACKBONE_FORMAT, backbone_file, read_packed, un
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'ENTRIES', 'RACE_FORMAT', 'RACE_FILE', 'AnchorQueries', 'use_anchor_queries', 'Entry', 'Budget',
-           'entry_configs', 'train_to', 'run_entry', 'run_race', 'curves', 'plot_race', 'race_table', 'main_race']
+           'budget_from_record', 'entry_configs', 'train_to', 'run_entry', 'run_race', 'curves', 'plot_race',
+           'race_table', 'main_race']
 
 # %% ../nbs/26_race.ipynb #abd53cdd
 class AnchorQueries(nn.Module):
@@ -70,11 +71,13 @@ ENTRIES: tuple[Entry, ...] = (
     Entry('deformable_detr', 'deformable_detr', 'Deformable DETR', {'variant': 'plain'}, claim='deformable attention'),
     Entry('deformable_detr_box_refine', 'deformable_detr', 'Deformable DETR + box refinement',
           {'variant': 'box_refine'}, claim='what iterative box refinement adds'),
+    Entry('dab_deformable_detr', 'dab_deformable_detr', 'DAB-Deformable-DETR',
+          claim='anchors as 4-D references for deformable attention (with box refinement)'),
 )
 
 @dataclass(frozen=True)
 class Budget:
-    "What every entry gets: the same data, images, backbone, width, depth, queries, batch and steps."
+    "What every entry gets, every field written out: the same data, images, backbone, width, depth, queries, batch, steps."
     image_size: int = 128
     n_train: int = COURSE_DATA['n_train']
     n_val: int = COURSE_DATA['n_val']
@@ -82,21 +85,33 @@ class Budget:
     seeds: tuple[int, ...] = (0, 1)
     lr_scale: float = 5.0                  # every family's official lr times this (ratios kept), constant
     backbone: str|None = 'deformable_detr' # the course model whose ResNet-18 every entry uses, frozen (None: scratch)
-    model: dict = field(default_factory=lambda: dict(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
-                                                     dim_feedforward=256, num_queries=12, batch_size=4))
+    model: dict = field(default_factory=lambda: dict(backbone='resnet18', dilation=False, hidden_dim=128, nheads=8,
+                                                     enc_layers=2, dec_layers=3, dim_feedforward=256, dropout=0.0,
+                                                     num_queries=12, batch_size=4))   # on the official defaults
+    train: dict = field(default_factory=lambda: dict(augment='flip', train_stem=True, trainable_norm=True))
+    attention: str = 'fast'                # DETR-style layers' attention path (set_attention_impl): 'fast' or 'reference'
     @property
     def steps(self) -> int: return self.eval_at[-1]
 
+def budget_from_record(record: dict, **changes) -> Budget:
+    "The Budget a race record was run with (records from before `attention` existed ran the reference path)."
+    b = {'attention': 'reference', **{k: v for k, v in record['budget'].items() if k != 'steps'}}
+    b['eval_at'], b['seeds'] = tuple(b['eval_at']), tuple(b['seeds'])
+    if 'train' not in b: b['train'] = Budget().train       # what the 'demo' preset gave them then
+    b['model'] = {**dict(backbone='resnet18', dilation=False, dropout=0.0), **b['model']}
+    return replace(Budget(**b), **changes)
+
 # %% ../nbs/26_race.ipynb #b0a38f16
 def entry_configs(entry: Entry, budget: Budget, seed: int, num_classes: int, backbone: Path|None=None):
-    "(TrainConfig, model config) of one entry: the 'demo' preset, then the budget's fields, then the entry's change."
+    "(TrainConfig, model config) of one entry: the official defaults, the budget's fields, then the entry's change."
     epochs = math.ceil(budget.steps / (budget.n_train // budget.model['batch_size']))
-    tcfg = train_config('demo', family=entry.family, image_size=budget.image_size, seed=seed, max_steps=budget.steps,
-                        eval_every=0, epoch_checkpoints=False, checkpoint_every=0)
+    tcfg = replace(train_config('official'), **{**budget.train, 'preset': 'race', 'family': entry.family, 'image_size': budget.image_size,
+                   'seed': seed, 'max_steps': budget.steps, 'eval_every': 0, 'epoch_checkpoints': False,
+                   'checkpoint_every': 0})
     lr = get_family(entry.family).Config().lr * budget.lr_scale            # the family's official lr, scaled
     fixed = dict(lr_backbone=0.0, pretrained_backbone=str(backbone)) if budget.backbone else dict(lr_backbone=lr)
     changes = {'num_classes': num_classes, 'epochs': epochs, 'lr_drop': epochs + 1, 'lr': lr}   # constant lr
-    cfg = model_config(entry.family, 'demo', **{**changes, **budget.model, **fixed, **entry.model})
+    cfg = model_config(entry.family, 'official', **{**changes, **budget.model, **fixed, **entry.model})
     return tcfg, cfg
 
 # %% ../nbs/26_race.ipynb #51246e1b
@@ -121,21 +136,24 @@ def run_entry(entry: Entry, budget: Budget, seed: int, data: Path, work: Path, e
     "Train one entry with one seed on one thread; COCOeval at each step of `eval_at` (default: the budget's)."
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    tcfg = train_config('demo', family=entry.family, image_size=budget.image_size, seed=seed)
-    train_ds, val_ds = datasets_from_folder(data, tcfg)
-    tcfg, cfg = entry_configs(entry, budget, seed, train_ds.num_classes, _backbone_weights(budget, work))
+    num_classes = datasets_from_folder(data, entry_configs(entry, budget, seed, 1)[0])[0].num_classes
+    tcfg, cfg = entry_configs(entry, budget, seed, num_classes, _backbone_weights(budget, work))
     train_ds, val_ds = datasets_from_folder(data, tcfg)
     c0 = cpu_seconds()
     trainer = Trainer(tcfg, cfg, train_ds, work/f'{entry.name}_seed{seed}', evaluate_fn=None, progress=False)
     if entry.adapter is not None: ADAPTERS[entry.adapter](trainer)
+    set_attention_impl(trainer.model, budget.attention)
     points, train_cpu = [], cpu_seconds() - c0
     for step in budget.eval_at if eval_at is None else eval_at:
         c = cpu_seconds(); train_to(trainer, step); train_cpu += cpu_seconds() - c
         c = cpu_seconds(); m = evaluate_dataset(trainer.model, trainer.postprocess, val_ds, progress=False)
         points.append({'step': trainer.global_step, **{k: round(m[k], 6) for k in ('AP', 'AP50', 'AP75')},
                        'train_cpu_s': round(train_cpu, 2), 'eval_cpu_s': round(cpu_seconds() - c, 2)})
+    cfg_dict = {**asdict(cfg), 'pretrained_backbone': None}
     return {'entry': entry.name, 'seed': seed, 'points': points,
-            'trained_parameters': sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+            'trained_parameters': sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            'model_config': {k: list(v) if isinstance(v, tuple) else v for k, v in cfg_dict.items()},
+            'train_config': asdict(tcfg)}
 
 # %% ../nbs/26_race.ipynb #0b646e5f
 RACE_FORMAT = 'detr_explained/race/v1'
@@ -180,7 +198,7 @@ def plot_race(record: dict) -> plt.Figure:
         for col, x in enumerate(('step', 'cpu_s')):
             ax = axes[row, col]
             for name, c in curves(record, metric).items():
-                ablation = name.endswith(('_no_hw', '_anchor_queries')) or name == 'deformable_detr'
+                ablation = name.endswith(('_no_hw', '_anchor_queries')) or name == 'deformable_detr'   # dashed
                 line, = ax.plot(c[x], c['mean'], marker='o', ms=3, ls='--' if ablation else '-', label=c['title'])
                 ax.fill_between(c[x], c['lo'], c['hi'], color=line.get_color(), alpha=.2)
             ax.set_xlabel('training steps' if x == 'step' else 'training CPU-seconds (one thread)')
@@ -220,6 +238,8 @@ def main_race(argv: list[str]|None=None) -> int:
     p.add_argument('--from-scratch', action='store_true',
                    help="train each entry's ResNet-18 from scratch instead of using the course's, frozen")
     p.add_argument('--workers', type=int, default=2, help='runs in parallel, one thread each (default 2)')
+    p.add_argument('--attention', choices=ATTENTION_IMPLS, default=Budget.attention,
+                   help="DETR and DAB-DETR layers' attention: fused ('fast', default) or the official call")
     args = p.parse_args(argv)
     steps = args.eval_at
     if any(s <= 0 for s in steps) or steps != sorted(set(steps)):
@@ -230,7 +250,7 @@ def main_race(argv: list[str]|None=None) -> int:
         print(f"detr-explained race: error: --workers {args.workers}: expected at least 1", file=sys.stderr)
         return 2
     budget = Budget(image_size=args.image_size, eval_at=tuple(steps), seeds=tuple(args.seeds), lr_scale=args.lr_scale,
-                    backbone=None if args.from_scratch else Budget.backbone)
+                    backbone=None if args.from_scratch else Budget.backbone, attention=args.attention)
     if budget.backbone and not backbone_file(budget.backbone).is_file():
         print(f"detr-explained race: error: {backbone_file(budget.backbone)}: the course backbone is missing "
               "(`detr-explained course-models --rebuild deformable_detr`, or --from-scratch)", file=sys.stderr)

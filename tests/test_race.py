@@ -1,10 +1,13 @@
-"""The convergence race: the command's help, bad options as one line, and a short race that reproduces
-the first evaluation of every entry in the stored full race (to 0.002 AP)."""
+"""The convergence race: the command's help, bad options as one line, the stored record complete and made by the
+configs the library gives today, and a short race that reproduces the first evaluation of the stored one EXACTLY."""
 import json
+from dataclasses import asdict
 
 import pytest
 
-from detr_explained.race import ENTRIES, RACE_FILE, Budget, run_race, main_race
+from detr_explained.race import ENTRIES, RACE_FILE, budget_from_record, entry_configs, run_race, main_race
+
+TWIN = ('detr', 'dab_detr', 'deformable_detr_box_refine', 'dab_deformable_detr')   # a few entries, ~60 CPU-s
 
 
 @pytest.fixture(scope='module')
@@ -19,16 +22,25 @@ def test_stored_race_is_complete(stored):
     for r in stored['runs']: assert [p['step'] for p in r['points']] == stored['budget']['eval_at']
 
 
-def test_short_race_reproduces_the_first_points(stored, tmp_path):
-    b = stored['budget']
-    budget = Budget(image_size=b['image_size'], n_train=b['n_train'], n_val=b['n_val'], eval_at=tuple(b['eval_at']),
-                    seeds=(b['seeds'][0],), lr_scale=b['lr_scale'], backbone=b['backbone'], model=b['model'])
-    short = run_race(budget, tmp_path, ENTRIES, workers=2, eval_at=budget.eval_at[:1])
+def test_stored_race_ran_the_configs_of_today(stored):
+    budget = budget_from_record(stored)
+    entries = {e.name: e for e in ENTRIES}
+    for r in stored['runs']:
+        tcfg, cfg = entry_configs(entries[r['entry']], budget, r['seed'], r['model_config']['num_classes'])
+        mine = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+        assert {k: mine[k] for k in r['model_config']} == r['model_config'], r['entry']
+        assert {k: asdict(tcfg)[k] for k in r['train_config']} == r['train_config'], r['entry']
+
+
+def test_short_race_reproduces_the_first_points_exactly(stored, tmp_path):
+    budget = budget_from_record(stored, seeds=(stored['budget']['seeds'][0],))
+    entries = [e for e in ENTRIES if e.name in TWIN and any(r['entry'] == e.name for r in stored['runs'])]
+    assert len(entries) >= 3
+    short = run_race(budget, tmp_path, entries, workers=2, eval_at=budget.eval_at[:1])
     for r in short['runs']:
         ref = next(s for s in stored['runs'] if s['entry'] == r['entry'] and s['seed'] == r['seed'])
-        assert r['points'][0]['step'] == ref['points'][0]['step']
-        for k in ('AP', 'AP50', 'AP75'):     # exact on the library that ran the stored race; later library commits
-            assert abs(r['points'][0][k] - ref['points'][0][k]) <= 2e-3, (r['entry'], k)   # move near-zero APs slightly
+        got, want = r['points'][0], ref['points'][0]
+        assert {k: got[k] for k in ('step', 'AP', 'AP50', 'AP75')} == {k: want[k] for k in ('step', 'AP', 'AP50', 'AP75')}, r['entry']
 
 
 def test_help_and_bad_options(capsys):
@@ -36,6 +48,7 @@ def test_help_and_bad_options(capsys):
     assert e.value.code == 0 and '--eval-at' in capsys.readouterr().out
     assert main_race(['--eval-at', '10', '5']) == 2
     assert 'expected increasing positive steps' in capsys.readouterr().err
+    assert main_race(['--workers', '0']) == 2
 
 
 def test_race_is_a_command_of_the_console(capsys):
