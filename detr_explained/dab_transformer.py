@@ -240,6 +240,7 @@ def positional_queries(self: DABTransformerDecoder,
         query_sine_embed = modulate_hw(query_sine_embed, self.ref_anchor_head(tgt).sigmoid(), anchors[..., 2:])
     return query_pos, query_sine_embed
 
+# %% ../nbs/15_dab_transformer.ipynb #3f2d494d
 @patch
 def forward(self: DABTransformerDecoder,
             tgt: Tensor, # (B, Q, D) initial content queries
@@ -281,14 +282,16 @@ class DABTransformer(nn.Module):
         self.d_model, self.nhead, self.num_patterns = d_model, nhead, num_patterns
         if num_patterns > 0: self.patterns = nn.Embedding(num_patterns, d_model)
 
-    def forward(self, src: Tensor, # (B, D, H, W) projected feature map
-                mask: Tensor, # (B, H, W) bool, True = padding
-                refpoint_embed: Tensor, # (Q, 4) anchors before the sigmoid
-                pos_embed: Tensor, # (B, D, H, W) image positional encoding
-               ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q', C), references (N_dec, B, Q', 4)
-        B = src.shape[0]
-        tokens, pos = src.flatten(2).permute(2, 0, 1), pos_embed.flatten(2).permute(2, 0, 1)   # (B, D, H, W) -> (HW, B, D)
-        mask = mask.flatten(1)                                                                # (B, H, W) -> (B, HW)
-        memory = self.encoder(tokens, mask, pos)                                              # (HW, B, D), sequence-first
-        tgt, refpoints = expand_queries(refpoint_embed, self.patterns.weight if self.num_patterns > 0 else None, B, self.d_model)
-        return self.decoder(tgt, memory.transpose(0, 1), pos.transpose(0, 1), refpoints, mask)   # (HW, B, D) -> (B, HW, D)
+# %% ../nbs/15_dab_transformer.ipynb #d0d2c296
+@patch
+def forward(self: DABTransformer, src: Tensor, # (B, D, H, W) projected feature map
+            mask: Tensor, # (B, H, W) bool, True = padding
+            refpoint_embed: Tensor, # (Q, 4) anchors before the sigmoid
+            pos_embed: Tensor, # (B, D, H, W) image positional encoding
+           ) -> tuple[Tensor, Tensor]: # hs (N_dec, B, Q', C), references (N_dec, B, Q', 4)
+    B = src.shape[0]
+    tokens, pos = src.flatten(2).permute(2, 0, 1), pos_embed.flatten(2).permute(2, 0, 1)   # (B, D, H, W) -> (HW, B, D)
+    mask = mask.flatten(1)                                                                # (B, H, W) -> (B, HW)
+    memory = self.encoder(tokens, mask, pos)                                              # (HW, B, D), sequence-first
+    tgt, refpoints = expand_queries(refpoint_embed, self.patterns.weight if self.num_patterns > 0 else None, B, self.d_model)
+    return self.decoder(tgt, memory.transpose(0, 1), pos.transpose(0, 1), refpoints, mask)   # (HW, B, D) -> (B, HW, D)

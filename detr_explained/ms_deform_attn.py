@@ -105,8 +105,8 @@ def sample_points(self: MSDeformAttn,
     M, L, P = self.n_heads, self.n_levels, self.n_points
     offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)          # (B, Q, M*L*P*2) -> (B, Q, M, L, P, 2): Δp
     logits = self.attention_weights(query).view(B, Q, M, L * P)            # (B, Q, M*L*P) -> (B, Q, M, L*P)
-    weights = logits.softmax(-1).view(B, Q, M, L, P)                       # one softmax over levels and points together
-    ref = reference_points[:, :, None, :, None]                            # (B, Q, L, d) -> (B, Q, 1, L, 1, d)
+    weights = logits.softmax(-1).view(B, Q, M, L, P)   # (B, Q, M, L*P) -> (B, Q, M, L, P): one softmax over levels and points together
+    ref = reference_points[:, :, None, :, None]                            # (B, Q, L, 2 or 4) -> (B, Q, 1, L, 1, 2 or 4)
     if reference_points.shape[-1] == 2:
         wh = input_spatial_shapes.flip(-1).to(offsets.dtype)                # (L, 2) (W_l, H_l)
         return ref + offsets / wh[:, None], weights                        # pixels -> normalised

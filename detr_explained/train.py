@@ -288,7 +288,7 @@ def tensor_checksum(obj) -> str:
     def walk(o, path):
         if isinstance(o, Tensor):
             t = o.detach().cpu().contiguous()
-            h.update(f'{path}:{t.dtype}:{tuple(t.shape)};'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(f'{path}:{t.dtype}:{tuple(t.shape)};'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())   # (...) -> (N,), viewed as its raw bytes
         elif isinstance(o, dict):
             for k in sorted(o, key=str): walk(o[k], f'{path}/{k}')
         elif isinstance(o, (list, tuple)):
