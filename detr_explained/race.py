@@ -24,8 +24,8 @@ from .course import COURSE_DATA, BACKBONE_FORMAT, backbone_file, read_packed, un
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'ENTRIES', 'RACE_FORMAT', 'RACE_FILE', 'AnchorQueries', 'use_anchor_queries', 'Entry', 'Budget',
-           'budget_from_record', 'entry_configs', 'train_to', 'run_entry', 'run_race', 'curves', 'plot_race',
-           'race_table', 'main_race']
+           'budget_from_record', 'entry_configs', 'train_to', 'query_spread', 'recent_losses', 'run_entry', 'run_race',
+           'curves', 'plot_race', 'race_table', 'constant_predictor_ce', 'main_race']
 
 # %% ../nbs/26_race.ipynb #abd53cdd
 class AnchorQueries(nn.Module):
@@ -132,6 +132,18 @@ def _backbone_weights(budget: Budget, work: Path) -> Path|None:
         torch.save(unpack_backbone(read_packed(backbone_file(budget.backbone), BACKBONE_FORMAT)), path)
     return path
 
+def query_spread(model: nn.Module, dataset, n: int=16) -> float:
+    "Std over the queries of the predicted boxes (cx, cy, w, h), averaged over coordinates and n images: ~0 if collapsed."
+    model.eval()
+    with torch.no_grad():
+        spread = [model(dataset[i][0][None])['pred_boxes'][0].std(0).mean().item() for i in range(min(n, len(dataset)))]
+    return round(float(np.mean(spread)), 4)                   # pred_boxes (1, Q, 4) -> (Q, 4) -> std over Q
+
+def recent_losses(trainer: Trainer, last: int=50) -> dict:
+    "The mean of each loss term over the last `last` training steps (from the run's metrics log)."
+    rows = [r for r in trainer.log.read() if 'loss' in r and r['global_step'] > trainer.global_step - last]
+    return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in ('loss_ce', 'loss_bbox', 'loss_giou')}
+
 def run_entry(entry: Entry, budget: Budget, seed: int, data: Path, work: Path, eval_at=None) -> dict:
     "Train one entry with one seed on one thread; COCOeval at each step of `eval_at` (default: the budget's)."
     torch.set_num_threads(1)
@@ -148,7 +160,8 @@ def run_entry(entry: Entry, budget: Budget, seed: int, data: Path, work: Path, e
         c = cpu_seconds(); train_to(trainer, step); train_cpu += cpu_seconds() - c
         c = cpu_seconds(); m = evaluate_dataset(trainer.model, trainer.postprocess, val_ds, progress=False)
         points.append({'step': trainer.global_step, **{k: round(m[k], 6) for k in ('AP', 'AP50', 'AP75')},
-                       'train_cpu_s': round(train_cpu, 2), 'eval_cpu_s': round(cpu_seconds() - c, 2)})
+                       'train_cpu_s': round(train_cpu, 2), 'eval_cpu_s': round(cpu_seconds() - c, 2),
+                       **recent_losses(trainer), 'query_spread': query_spread(trainer.model, val_ds)})
     cfg_dict = {**asdict(cfg), 'pretrained_backbone': None}
     return {'entry': entry.name, 'seed': seed, 'points': points,
             'trained_parameters': sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -221,6 +234,17 @@ def race_table(record: dict) -> str:
                     f"{a['mean'][-1]:.3f} ({a['lo'][-1]:.3f}-{a['hi'][-1]:.3f}) | "
                     f"{c['cpu_s'][-1]:.0f} | {c['seeds']} |")
     return '\n'.join(rows)
+
+# %% ../nbs/26_race.ipynb #9b451e69
+def constant_predictor_ce(labels_per_image: list[list[int]], # each training image's class labels
+                          num_queries: int, num_classes: int, eos_coef: float) -> float:
+    "DETR's loss_ce for the best predictor that ignores the image: the entropy of the classes' shares of the weight."
+    w = torch.zeros(num_classes + 1, dtype=torch.float64)               # (K + 1,): the last is "no object"
+    for labels in labels_per_image:
+        for label in labels: w[label] += 1.0
+        w[num_classes] += eos_coef * (num_queries - len(labels))
+    p = w[w > 0] / w.sum()
+    return float(-(p * p.log()).sum())
 
 # %% ../nbs/26_race.ipynb #e82e4bca
 def main_race(argv: list[str]|None=None) -> int:
