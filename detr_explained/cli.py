@@ -68,7 +68,9 @@ class _RegisteredFamilies:
 
 FAMILY_CHOICES = _RegisteredFamilies()
 
-def _add_train_options(p: argparse.ArgumentParser):
+# %% ../nbs/35_cli.ipynb #645fb134
+def _add_model_options(p: argparse.ArgumentParser):
+    "The options that define a run: model family, preset, recipe (train)."
     g = p.add_argument_group('model and recipe (default: the preset\'s values)')
     g.add_argument('--family', choices=FAMILY_CHOICES, metavar='FAMILY', help='model family: %(choices)s (default: detr)')
     g.add_argument('--preset', help="'small' (default; a laptop CPU on real photos), 'demo' (synthetic shapes), "
@@ -87,6 +89,20 @@ def _add_train_options(p: argparse.ArgumentParser):
     g.add_argument('--init', metavar='CHECKPOINT|NAME', help='start from these weights: a training checkpoint, a course model, '
                    'an official file or name; the class head is adapted by class name (27_finetune)')
     g.add_argument('--freeze', choices=['backbone', 'encoder'], help='keep the backbone (encoder: everything before the decoder) as loaded')
+
+# %% ../nbs/35_cli.ipynb #90f374a7
+def _add_speed(p):
+    "--amp and --compile (train, evaluate, predict)."
+    p.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision: the model under autocast (the matcher and losses stay float32)')
+    p.add_argument('--compile', action='store_true', default=None, help='torch.compile the model (the first steps compile it)')
+
+def _add_common(p):
+    p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
+    p.add_argument('--threads', type=COUNT, help='CPU threads for torch (default: all cores)')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+
+def _add_running_options(p: argparse.ArgumentParser):
+    "The options of how a run is carried out: its folder, resuming, checkpoints, limits (train)."
     r = p.add_argument_group('running')
     r.add_argument('--out', help='run folder for checkpoint.pt, metrics.jsonl, curves.png (default: runs/<family>_<preset>)')
     r.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
@@ -98,15 +114,8 @@ def _add_train_options(p: argparse.ArgumentParser):
     r.add_argument('--time-limit', type=POSITIVE, metavar='MINUTES', help='stop after this many minutes')
     _add_common(r); _add_speed(r)
 
-def _add_speed(p):
-    "--amp and --compile (train, evaluate, predict)."
-    p.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision: the model under autocast (the matcher and losses stay float32)')
-    p.add_argument('--compile', action='store_true', default=None, help='torch.compile the model (the first steps compile it)')
-
-def _add_common(p):
-    p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
-    p.add_argument('--threads', type=COUNT, help='CPU threads for torch (default: all cores)')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
+def _add_train_options(p: argparse.ArgumentParser):
+    _add_model_options(p); _add_running_options(p)
 
 # %% ../nbs/35_cli.ipynb #46f56bfa
 DEMO_SCORE_THRESHOLD = 0.3   # focal-loss (sigmoid) scores of a model trained for minutes sit well below softmax ones
@@ -138,6 +147,7 @@ def _check(argv: list[str]) -> int:
     from detr_explained.finetune import main_check
     return main_check(argv)
 
+# %% ../nbs/35_cli.ipynb #9ea1506a
 DELEGATED = {  # command -> (function(argv) -> exit code, help); each parser lives in its own notebook (30, 31, 25, 26)
     'fetch': (_fetch, 'download and load a published checkpoint, or hf:<repo_id> from the Hugging Face Hub (`fetch --help`)'),
     'export': (_export, 'export a model to ONNX and check it with ONNX Runtime (`export --help`)'),
@@ -147,9 +157,9 @@ DELEGATED = {  # command -> (function(argv) -> exit code, help); each parser liv
     'race': (_race, 'the convergence race: every family and ablation under one budget (`race --help`)'),
 }
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog='detr-explained', description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+# %% ../nbs/35_cli.ipynb #ad0ab69e
+def _add_demo_parser(sub) -> argparse.ArgumentParser:
+    "`demo`: its folder, family, size and limits."
     p = sub.add_parser('demo', help='synthetic data -> train -> evaluate, on a CPU in minutes (start here)',
                        description='Make the synthetic shapes dataset, train the fastest-learning model on it, evaluate it, and save curves and pictures.')
     p.add_argument('--out', default='runs/demo', help='folder for the dataset and the run (default runs/demo)')
@@ -160,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--val-images', type=COUNT, default=DEMO_DATA['n_val'], help=f"validation images to generate (default {DEMO_DATA['n_val']})")
     p.add_argument('--max-steps', type=COUNT, help='stop training after this many steps (a quick look)')
     _add_common(p)
+    return p
+
+def _add_make_synthetic_parser(sub) -> argparse.ArgumentParser:
+    "`make-synthetic`: the dataset's folder, size and seed."
     p = sub.add_parser('make-synthetic', help='write the synthetic shapes dataset in COCO format',
                        description='Write images/ and annotations/instances_{train,val}.json; the same seed gives the same bytes.')
     p.add_argument('--out', required=True, help='folder to write')
@@ -169,9 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=NON_NEGATIVE, default=0, help='seed (default 0)')
     p.add_argument('--max-objects', type=COUNT, default=4, help='at most this many objects per image (default 4)')
     p.add_argument('--overwrite', action='store_true', help='rewrite even if the same dataset is there')
+    return p
+
+# %% ../nbs/35_cli.ipynb #9e4374f7
+def _add_train_parser(sub) -> argparse.ArgumentParser:
+    "`train`: the data, and the options of `_add_train_options`."
     p = sub.add_parser('train', help='train a model on a COCO-format folder', description='Train DETR, Deformable DETR or DAB-DETR.')
     p.add_argument('--data', required=True, help='COCO-format folder (annotations/ and images)')
     _add_train_options(p)
+    return p
+
+def _add_evaluate_parser(sub) -> argparse.ArgumentParser:
+    "`evaluate`: a checkpoint or official weights, on a split of a folder."
     p = sub.add_parser('evaluate', help='COCO AP of a checkpoint', description='COCOeval (bbox) of a checkpoint on a split; writes a JSON.')
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--checkpoint', help='checkpoint.pt written by train')
@@ -182,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', help='metrics JSON to write (default: metrics_<split>.json beside the checkpoint)')
     p.add_argument('--batch-size', type=COUNT, default=8, help='images per batch (default 8)')
     _add_common(p); _add_speed(p)
+    return p
+
+# %% ../nbs/35_cli.ipynb #827760bd
+def _add_predict_parser(sub) -> argparse.ArgumentParser:
+    "`predict`: a checkpoint or an ONNX file, and the image files."
     p = sub.add_parser('predict', help='detect objects in image files', description='Draw detections on images (PNG) and write detections.json.')
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--checkpoint', help='checkpoint.pt written by train')
@@ -190,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default='predictions', help='output folder (default predictions/)')
     p.add_argument('--threshold', type=_score, default=0.5, help='keep detections with at least this score (default 0.5)')
     _add_common(p); _add_speed(p)
+    return p
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog='detr-explained', description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for add in (_add_demo_parser, _add_make_synthetic_parser, _add_train_parser, _add_evaluate_parser, _add_predict_parser):
+        add(sub)
     for name, (_, help_) in DELEGATED.items():         # their own parsers live in hub / coco_subset (imported only when used)
         p = sub.add_parser(name, help=help_, add_help=False)
         p.add_argument('rest', nargs=argparse.REMAINDER)
@@ -237,28 +272,27 @@ def _resume_path(args, out: Path) -> Path|None:
         print(f"no checkpoint in {out} yet: starting a new run"); return None
     return Path(args.resume)
 
-def make_trainer(args, out: Path, progress: bool):
-    "The Trainer for `train` (fresh or resumed) and a one-line description of it."
-    from detr_explained.official import CheckpointError
-    from detr_explained.train import TrainingError
-    from detr_explained.train import (Trainer, train_config, model_config, datasets_from_folder, load_training_checkpoint,
-                                      trainer_from_checkpoint, TrainConfig)
+# %% ../nbs/35_cli.ipynb #b19d7e27
+def _new_trainer(args, out: Path, progress: bool):
+    "A Trainer for a fresh run: the preset's configs with the options given, on the folder's datasets."
+    from detr_explained.train import Trainer, train_config, model_config, datasets_from_folder
     from detr_explained.evaluate import coco_evaluator
-    path = _resume_path(args, out)
-    if path is None and getattr(args, 'init', None):                 # fine-tuning (27_finetune)
-        from detr_explained.finetune import init_trainer
-        return init_trainer(args.init, args.data, out, lambda f: train_changes(args, f), args.family, args.preset, progress,
-                            overwrite=args.overwrite or args.resume == 'auto')
-    if path is None:
-        family, preset = args.family or 'detr', args.preset or 'small'
-        t, m = train_changes(args, family)
-        tcfg = train_config(preset, family=family, **t)
-        train_ds, val_ds = datasets_from_folder(args.data, tcfg)
-        cfg = model_config(family, preset, **{'num_classes': train_ds.num_classes, **m})
-        _check_pretrained(cfg)
-        ev = coco_evaluator(val_ds, device=tcfg.device, amp=tcfg.amp, compile=tcfg.compile) if val_ds is not None else None
-        overwrite = args.overwrite or args.resume == 'auto'      # --resume without a checkpoint: the run never saved one
-        return Trainer(tcfg, cfg, train_ds, out, ev, progress, overwrite=overwrite), 'new run'
+    family, preset = args.family or 'detr', args.preset or 'small'
+    t, m = train_changes(args, family)
+    tcfg = train_config(preset, family=family, **t)
+    train_ds, val_ds = datasets_from_folder(args.data, tcfg)
+    cfg = model_config(family, preset, **{'num_classes': train_ds.num_classes, **m})
+    _check_pretrained(cfg)
+    ev = coco_evaluator(val_ds, device=tcfg.device, amp=tcfg.amp, compile=tcfg.compile) if val_ds is not None else None
+    overwrite = args.overwrite or args.resume == 'auto'      # --resume without a checkpoint: the run never saved one
+    return Trainer(tcfg, cfg, train_ds, out, ev, progress, overwrite=overwrite), 'new run'
+
+# %% ../nbs/35_cli.ipynb #ca263226
+def _resumed_trainer(args, out: Path, path: Path, progress: bool):
+    "The Trainer continuing the run of checkpoint `path`; an option that would change the run is refused, named."
+    from detr_explained.official import CheckpointError
+    from detr_explained.train import TrainingError, TrainConfig, datasets_from_folder, load_training_checkpoint, trainer_from_checkpoint
+    from detr_explained.evaluate import coco_evaluator
     if args.overwrite: raise TrainingError("--resume and --overwrite exclude each other: continue the run, or replace it")
     ckpt = load_training_checkpoint(path)
     if args.family and args.family != ckpt['family']:
@@ -275,6 +309,18 @@ def make_trainer(args, out: Path, progress: bool):
                                       model_changes={k: v for k, v in m.items() if k in _RUN_MODEL})
     return trainer, f'resumed from {path} at epoch {trainer.epoch + 1} step {trainer.step} (global step {trainer.global_step})'
 
+# %% ../nbs/35_cli.ipynb #239a9115
+def make_trainer(args, out: Path, progress: bool):
+    "The Trainer for `train` (fresh, fine-tuned or resumed) and a one-line description of it."
+    path = _resume_path(args, out)
+    if path is None and getattr(args, 'init', None):                 # fine-tuning (27_finetune)
+        from detr_explained.finetune import init_trainer
+        return init_trainer(args.init, args.data, out, lambda f: train_changes(args, f), args.family, args.preset, progress,
+                            overwrite=args.overwrite or args.resume == 'auto')
+    if path is None: return _new_trainer(args, out, progress)
+    return _resumed_trainer(args, out, path, progress)
+
+# %% ../nbs/35_cli.ipynb #f1b11be3
 def _check_pretrained(cfg):
     "A --pretrained-backbone file must exist and hold the weights of the configured ResNet (checked before training)."
     from detr_explained.backbone import load_resnet_weights, resnet
@@ -309,6 +355,7 @@ def report(summary: dict, trainer) -> str:
     if ev: lines.insert(0, 'val: ' + '  '.join(f"{k} {ev[k]:.3f}" for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl') if k in ev))
     return '\n'.join(lines)
 
+# %% ../nbs/35_cli.ipynb #35e5a0df
 def _check_folder(out: Path, option: str='--out'):
     "An output folder must be a folder (or not exist yet) where this process can write."
     from detr_explained.train import TrainingError
@@ -359,6 +406,7 @@ def evaluate_official(args) -> int:
     print(f"{info.family} ({args.official}) on {len(ds)} {args.split} images: AP {m['AP']:.3f}, AP50 {m['AP50']:.3f}; written to {out}")
     return 0
 
+# %% ../nbs/35_cli.ipynb #212246fc
 def cmd_evaluate(args) -> int:
     from detr_explained.train import TrainingError
     if args.out and Path(args.out).is_dir(): raise TrainingError(f"--out {args.out}: is a folder; --out names the metrics JSON file to write")
@@ -381,6 +429,7 @@ def cmd_evaluate(args) -> int:
     print(f"{ckpt['family']} at step {ckpt['global_step']} on {len(ds)} {args.split} images: AP {m['AP']:.3f}, AP50 {m['AP50']:.3f}; written to {out}")
     return 0
 
+# %% ../nbs/35_cli.ipynb #16b5457d
 def cmd_predict(args) -> int:
     from detr_explained.evaluate import predict_files
     _check_folder(Path(args.out))
@@ -397,19 +446,9 @@ def cmd_predict(args) -> int:
     return 2 if any('error' in r for r in records) else 0     # the readable files are done; say that some were not
 
 # %% ../nbs/35_cli.ipynb #751b3c8c
-def cmd_demo(args) -> int:
-    from detr_explained.core import atomic_write_json
-    from detr_explained.synthetic import make_synthetic
-    from detr_explained.train import Trainer, train_config, model_config, datasets_from_folder, trainer_from_checkpoint
-    from detr_explained.evaluate import coco_evaluator, evaluate_dataset, prediction_grid, _save_fig
-    t0, out = time.time(), Path(args.out)
-    _check_folder(out)
-    family = args.family or DEMO_FAMILY
-    print(f"[1/4] synthetic shapes dataset in {out/'data'}", flush=True)
-    data = make_synthetic(out/'data', **{**DEMO_DATA, 'n_train': args.images, 'n_val': args.val_images})
-    tcfg = train_config('demo', family=family, device=args.device, time_limit=args.time_limit, max_steps=args.max_steps)
-    train_ds, val_ds = datasets_from_folder(data, tcfg)
-    run_dir, ev = out/family, coco_evaluator(val_ds, device=tcfg.device)
+def _demo_trainer(args, family: str, tcfg, train_ds, run_dir: Path, ev):
+    "The demo's Trainer: the run already in `run_dir` continued, or a new one on the demo preset."
+    from detr_explained.train import Trainer, model_config, trainer_from_checkpoint
     epochs = {'epochs': args.epochs} if args.epochs else {}
     if (run_dir/'checkpoint.pt').exists():
         trainer = trainer_from_checkpoint(run_dir/'checkpoint.pt', train_ds, run_dir, train_changes={'time_limit': args.time_limit, 'max_steps': args.max_steps},
@@ -419,6 +458,23 @@ def cmd_demo(args) -> int:
         cfg = model_config(family, 'demo', **{'num_classes': train_ds.num_classes, **epochs})
         trainer = Trainer(tcfg, cfg, train_ds, run_dir, ev, progress=not args.quiet)
         print(f"[2/4] training\n{describe(trainer)}", flush=True)
+    return trainer
+
+# %% ../nbs/35_cli.ipynb #5ec0568b
+def cmd_demo(args) -> int:
+    from detr_explained.core import atomic_write_json
+    from detr_explained.synthetic import make_synthetic
+    from detr_explained.train import train_config, datasets_from_folder
+    from detr_explained.evaluate import coco_evaluator, evaluate_dataset, prediction_grid, _save_fig
+    t0, out = time.time(), Path(args.out)
+    _check_folder(out)
+    family = args.family or DEMO_FAMILY
+    print(f"[1/4] synthetic shapes dataset in {out/'data'}", flush=True)
+    data = make_synthetic(out/'data', **{**DEMO_DATA, 'n_train': args.images, 'n_val': args.val_images})
+    tcfg = train_config('demo', family=family, device=args.device, time_limit=args.time_limit, max_steps=args.max_steps)
+    train_ds, val_ds = datasets_from_folder(data, tcfg)
+    run_dir, ev = out/family, coco_evaluator(val_ds, device=tcfg.device)
+    trainer = _demo_trainer(args, family, tcfg, train_ds, run_dir, ev)
     summary = trainer.fit()
     print(f"[3/4] evaluating on {len(val_ds)} validation images", flush=True)
     m = trainer.last_metrics if trainer.last_metrics is not None else evaluate_dataset(trainer.model, trainer.postprocess, val_ds, device=tcfg.device, progress=False)
@@ -450,6 +506,7 @@ def _device_problem(device: str) -> str|None:
     elif d.type != 'cpu': return f"--device {device}: the library runs on cpu, cuda or mps"
     return None
 
+# %% ../nbs/35_cli.ipynb #74cf59b6
 _FS_ERRORS = {errno.ENOSPC: 'no space left on device', errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
               errno.EDQUOT: 'disk quota exceeded', errno.ENOTDIR: 'not a folder', errno.EISDIR: 'is a folder'}
 
@@ -467,6 +524,7 @@ def user_error(e: BaseException) -> str|None:
     else: return None
     return ' '.join(line.strip() for line in text.splitlines() if line.strip())     # a multi-line report, joined
 
+# %% ../nbs/35_cli.ipynb #049134ba
 def main(argv: list[str]|None=None) -> int:
     "The `detr-explained` console command; returns the exit code."
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -35,8 +35,6 @@ IN_PROGRESS = {
     'eca3de11': '28_distributed',
     'dc922c8f': '31_coco_subset', 'f83a186f': '31_coco_subset',
     '87822f07': '33_hf', '746e481a': '33_hf',
-    '671c0ae3': '35_cli', '46f56bfa': '35_cli', 'b520eb1d': '35_cli', 'aa1e43ae': '35_cli', '46f102eb': '35_cli',
-    '751b3c8c': '35_cli', '0d79509b': '35_cli',
 }
 
 
