@@ -52,6 +52,7 @@ class InitWeights:
     state_dict: dict
     names: dict[int, str]        # label -> class name of the old class head ({} when unknown)
 
+# %% ../nbs/27_finetune.ipynb #ed8a6ef8
 def load_init(source: str|Path) -> InitWeights:
     "Read weights the library knows: a training checkpoint, a course model, an official file, catalogue name or URL."
     from detr_explained.course import RECIPES, course_model
@@ -128,6 +129,7 @@ def init_model_(model: nn.Module, num_classes: int, init: InitWeights, new_names
     report.update(source=init.source, kind=init.kind, family=init.family, loaded=len(sd) - len(report['adapted']))
     return report
 
+# %% ../nbs/27_finetune.ipynb #6ab6a7b8
 def describe_init(r: dict) -> str:
     "The lines a run prints about its starting weights."
     kept = ', '.join(f"{n} ({a}->{b})" if a != b else n for n, (a, b) in r['kept'].items()) or 'none'
@@ -154,6 +156,7 @@ def init_config(init: InitWeights, preset: str, num_classes: int, changes: dict)
     if hasattr(cfg, 'num_select'): cfg = replace(cfg, num_select=min(cfg.num_select, cfg.num_queries * num_classes))
     return replace(cfg, **changes)
 
+# %% ../nbs/27_finetune.ipynb #d23a268a
 def init_trainer(source: str, data: Path|str, out: Path|str,
                  changes, # family -> (TrainConfig changes, model changes), e.g. cli.train_changes(args, family)
                  family: str|None=None, preset: str|None=None, progress: bool=True, overwrite: bool=False):
@@ -230,6 +233,7 @@ def trap_warnings(trainer: Trainer) -> list[str]:
                    f"--max-steps)")
     return out
 
+# %% ../nbs/27_finetune.ipynb #6d36bfaf
 def watch(trainer: Trainer, say=print, flat_after: int=100) -> Trainer:
     "Print the start-up warnings and make the run's log record them (and the init report) and watch the loss."
     warnings = trap_warnings(trainer)
@@ -241,11 +245,8 @@ def watch(trainer: Trainer, say=print, flat_after: int=100) -> Trainer:
     return trainer
 
 # %% ../nbs/27_finetune.ipynb #d84ae3a7
-def box_problems(d: dict, path) -> list[str]:
-    "What is wrong with the boxes of a COCO annotation dict: format (xyxy or normalised stored as xywh) and range."
-    sizes = {im['id']: (im.get('width'), im.get('height')) for im in d['images']}
-    anns = [a for a in d['annotations'] if sizes.get(a['image_id'], (None, None))[0] is not None]
-    if not anns: return []
+def _box_counts(anns: list[dict], sizes: dict) -> tuple:
+    "The boxes beyond their image, before it, empty; how many look like xyxy, how many lie within [0, 1]."
     over, neg, empty, xyxy_like, tiny = [], [], [], 0, 0
     for a in anns:
         (x, y, w, h), (W, H) = a['bbox'], sizes[a['image_id']]
@@ -254,6 +255,15 @@ def box_problems(d: dict, path) -> list[str]:
         if w <= 0 or h <= 0: empty.append(a)
         xyxy_like += w > x and h > y
         tiny += max(x, y, w, h) <= 1
+    return over, neg, empty, xyxy_like, tiny
+
+# %% ../nbs/27_finetune.ipynb #4a1c578d
+def box_problems(d: dict, path) -> list[str]:
+    "What is wrong with the boxes of a COCO annotation dict: format (xyxy or normalised stored as xywh) and range."
+    sizes = {im['id']: (im.get('width'), im.get('height')) for im in d['images']}
+    anns = [a for a in d['annotations'] if sizes.get(a['image_id'], (None, None))[0] is not None]
+    if not anns: return []
+    over, neg, empty, xyxy_like, tiny = _box_counts(anns, sizes)
     n, out = len(anns), []
     def first(bad): return f"annotation id {bad[0].get('id')} (image {bad[0]['image_id']}, bbox {bad[0]['bbox']})"
     if tiny == n and n:
@@ -272,6 +282,7 @@ def box_problems(d: dict, path) -> list[str]:
     if empty: out.append(f"{path}: {len(empty)} boxes have no width or height, e.g. {first(empty)}; remove them")
     return out
 
+# %% ../nbs/27_finetune.ipynb #56d119a5
 def class_problems(d: dict, path, num_classes: int|None, remap: bool=False) -> tuple[list[str], list[str]]:
     "(errors, warnings) about the category ids against a head of `num_classes` classes."
     ids = sorted(c['id'] for c in d['categories'])
@@ -292,6 +303,7 @@ def class_problems(d: dict, path, num_classes: int|None, remap: bool=False) -> t
                         f"background yourself, the family adds what it needs; use num_classes={need}")
     return errors, warnings
 
+# %% ../nbs/27_finetune.ipynb #41a25cb9
 def image_problems(d: dict, img_folder: Path, path, min_side: int=32) -> list[str]:
     "Images whose file is missing, whose size is not the annotation file's, or too small for the backbone's stride."
     missing, wrong, small = [], [], []
@@ -330,6 +342,7 @@ def matcher_diagnostics(outputs: dict, targets: list[dict], criterion: nn.Module
     return {'matched_class_accuracy': mean(correct), 'matched_iou': mean(ious), 'cardinality_error': mean(card),
             'matched': len(ious)}
 
+# %% ../nbs/27_finetune.ipynb #3e487f48
 def overfit_check(model: nn.Module, criterion: nn.Module, batch: tuple, steps: int, lr: float) -> dict:
     "Train on one batch for `steps` steps: the weighted loss before and after, and the matcher diagnostics at the end."
     tensors, mask, targets = batch
@@ -362,6 +375,7 @@ def _positive(text: str) -> float:
     if not (math.isfinite(v) and v > 0): raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
     return v
 
+# %% ../nbs/27_finetune.ipynb #f0a6d274
 def check_parser() -> argparse.ArgumentParser:
     from detr_explained.family import family_names
     COUNT, NON_NEGATIVE, POSITIVE = _count(1), _count(0), _positive
@@ -385,8 +399,9 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument('--lr', type=POSITIVE, default=1e-3, help='learning rate of the overfitting (default 1e-3)')
     return p
 
-def run_check(ns) -> int:
-    "`detr-explained check`: 0 if the data and the overfitting look right, 1 if a problem was found."
+# %% ../nbs/27_finetune.ipynb #d84741c4
+def _check_data(ns) -> tuple:
+    "The data checks of `check`, printed: (images folder, annotation file, init weights, family, changes, K, errors)."
     img, ann = find_split(ns.data, ns.split)
     d = read_coco_json(ann)
     init = load_init(ns.init) if ns.init else None
@@ -399,6 +414,12 @@ def run_check(ns) -> int:
     for w in warnings: print(f"warning: {w}")
     if not errors: print(f"data: {len(d['images'])} images, {len(d['annotations'])} boxes, {len(d['categories'])} "
                          f"categories: no problem found")
+    return img, ann, init, family, changes, k, errors
+
+# %% ../nbs/27_finetune.ipynb #ed6c78ff
+def run_check(ns) -> int:
+    "`detr-explained check`: 0 if the data and the overfitting look right, 1 if a problem was found."
+    img, ann, init, family, changes, k, errors = _check_data(ns)
     if errors or ns.steps == 0: return 1 if errors else 0
     ds = CocoDetection(img, ann, make_coco_transforms('val', ns.image_size), remap_categories=ns.remap_categories)
     k = k or ds.num_classes
@@ -422,6 +443,7 @@ def run_check(ns) -> int:
         return 1
     return 0
 
+# %% ../nbs/27_finetune.ipynb #6bca9c79
 def main_check(argv: list[str]|None=None) -> int:
     "The `detr-explained check` command; user errors are one line (exit 2)."
     p = check_parser()

@@ -30,8 +30,6 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
 IN_PROGRESS = {
     '0133dd62': '19_official', 'f5e66a1e': '19_official',
     'c9e5fdea': '24_hub', '2ad7612a': '24_hub', '95aeaf5f': '24_hub', '72815235': '24_hub',
-    '3ebccb81': '27_finetune', '41f4d818': '27_finetune', '976068bd': '27_finetune', 'd98304e2': '27_finetune',
-    'd84ae3a7': '27_finetune', 'a667d1f8': '27_finetune', 'f87ab8fb': '27_finetune',
     'eca3de11': '28_distributed',
     'dc922c8f': '31_coco_subset', 'f83a186f': '31_coco_subset',
     '87822f07': '33_hf', '746e481a': '33_hf',
