@@ -60,6 +60,7 @@ def _deformable(name, file, ap, drive_id, **args):
 def _dab(name, ap, **args):
     return OfficialCheckpoint(name, 'dab_detr', args, ap, f'{name}.pth', None, _DAB_PAGE)
 
+# %% ../nbs/24_hub.ipynb #bc0e0d33
 OFFICIAL_CHECKPOINTS = {c.name: c for c in [
     _detr('detr-r50', 'detr-r50-e632da11.pth', 42.0),
     _detr('detr-r50-dc5', 'detr-r50-dc5-f0fb7ef5.pth', 43.3, dilation=True),
@@ -142,8 +143,26 @@ def _changed(meta:dict, now:dict, total) -> str|None:
     if meta.get('total') and total and meta['total'] != total: return f"its size {meta['total']} became {total}"
     return None
 
+# %% ../nbs/24_hub.ipynb #2c26fc24
 _HTML_TYPES = ('text/html', 'application/xhtml+xml')
 
+def _accept(resp, url: str, f, have: int, meta: dict, save_meta: Callable) -> tuple[int, int|None]:
+    "Check a response before its bytes are appended: (bytes kept in `f`, total size); restart `f` if the file changed."
+    kind = (resp.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+    if kind in _HTML_TYPES:
+        raise DownloadError(f'{url}: the server answered with an HTML page ({kind}), not the file: a login or error page, '
+                            'or a folder listing? Check the address')
+    start, total = _content_range(resp.headers.get('Content-Range'))
+    now = _validators(resp.headers)
+    if resp.status == 206 and start != have: raise DownloadError(f'{url}: asked for bytes {have}-, got {start}-')
+    if resp.status == 206 and (why := _changed(meta, now, total)):
+        f.truncate(0); meta.clear(); raise _Interrupted(f'the file on the server changed since the first {have} bytes ({why}); restarting')
+    if resp.status != 206:  # the whole file (new, changed, or a server without ranges): start over
+        f.truncate(0); have, total = 0, int(resp.headers['Content-Length']) if resp.headers.get('Content-Length') else None
+        meta.clear(); meta.update(now, total=total); save_meta(meta)
+    return have, total
+
+# %% ../nbs/24_hub.ipynb #4f4e8302
 def _fetch_once(url:str, f, bar, timeout:float, meta:dict, save_meta:Callable) -> int|None:
     "One request appended to the open `.part` file `f` (resuming it); returns the file's total size (None if unknown)."
     have = os.fstat(f.fileno()).st_size
@@ -155,18 +174,7 @@ def _fetch_once(url:str, f, bar, timeout:float, meta:dict, save_meta:Callable) -
         if total == have: return total
         f.truncate(0); raise _Interrupted(f'server refused the range after {have} bytes; restarting') from e
     with resp:
-        kind = (resp.headers.get('Content-Type') or '').split(';')[0].strip().lower()
-        if kind in _HTML_TYPES:
-            raise DownloadError(f'{url}: the server answered with an HTML page ({kind}), not the file: a login or error page, '
-                                'or a folder listing? Check the address')
-        start, total = _content_range(resp.headers.get('Content-Range'))
-        now = _validators(resp.headers)
-        if resp.status == 206 and start != have: raise DownloadError(f'{url}: asked for bytes {have}-, got {start}-')
-        if resp.status == 206 and (why := _changed(meta, now, total)):
-            f.truncate(0); meta.clear(); raise _Interrupted(f'the file on the server changed since the first {have} bytes ({why}); restarting')
-        if resp.status != 206:  # the whole file (new, changed, or a server without ranges): start over
-            f.truncate(0); have, total = 0, int(resp.headers['Content-Length']) if resp.headers.get('Content-Length') else None
-            meta.clear(); meta.update(now, total=total); save_meta(meta)
+        have, total = _accept(resp, url, f, have, meta, save_meta)
         bar.reset(total=total); bar.update(have)
         f.seek(0, os.SEEK_END)
         while block := resp.read(1 << 16):
@@ -212,6 +220,21 @@ def _read_meta(path:Path) -> dict:
     except (OSError, ValueError): return {}
     return meta if isinstance(meta, dict) else {}
 
+# %% ../nbs/24_hub.ipynb #4f92477a
+def _fetch_with_retries(url: str, f, bar, timeout: float, meta: dict, meta_file: Path, part: Path,
+                        retries: int, backoff: float) -> int|None:
+    "`_fetch_once` until the file is complete, retrying what can be retried with exponential backoff; the total size."
+    for attempt in range(retries + 1):
+        try: return _fetch_once(url, f, bar, timeout, meta, lambda m: atomic_write_json(meta_file, m))
+        except Exception as e:
+            if isinstance(e, DownloadError): raise
+            if not _retryable(e): raise DownloadError(f'{url}: {e}') from e
+            if attempt == retries:
+                raise DownloadError(f'{url}: gave up after {retries + 1} attempts ({e}); the {os.fstat(f.fileno()).st_size} bytes received '
+                                    f'are kept in {part} and the next call resumes from there') from e
+            time.sleep(backoff * 2 ** attempt)
+
+# %% ../nbs/24_hub.ipynb #a1098e4f
 def download(url:str, # http(s):// or file:// address
              dst:Path|str, # the final file; bytes go to `<dst>.part` until verified
              sha256_prefix:str|None='auto', # SHA-256 prefix to check; 'auto': from the URL's file name; None: no check
@@ -228,15 +251,7 @@ def download(url:str, # http(s):// or file:// address
         _lock(f, dst.name)
         meta = _read_meta(meta_file) if os.fstat(f.fileno()).st_size else {}
         try:
-            for attempt in range(retries + 1):
-                try: total = _fetch_once(url, f, bar, timeout, meta, lambda m: atomic_write_json(meta_file, m)); break
-                except Exception as e:
-                    if isinstance(e, DownloadError): raise
-                    if not _retryable(e): raise DownloadError(f'{url}: {e}') from e
-                    if attempt == retries:
-                        raise DownloadError(f'{url}: gave up after {retries + 1} attempts ({e}); the {os.fstat(f.fileno()).st_size} bytes received '
-                                            f'are kept in {part} and the next call resumes from there') from e
-                    time.sleep(backoff * 2 ** attempt)
+            total = _fetch_with_retries(url, f, bar, timeout, meta, meta_file, part, retries, backoff)
             _verify(part, url, expected, size if size is not None else total, check)
             os.replace(part, dst)   # still holding the lock: nobody else writes it meanwhile
         finally:
@@ -355,6 +370,7 @@ def add_fetch_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     return parser
 
+# %% ../nbs/24_hub.ipynb #85f91f5c
 def run_fetch(ns:argparse.Namespace) -> int:
     "Run `detr-explained fetch` with parsed arguments; returns the exit status."
     if ns.list or not ns.sources:

@@ -29,7 +29,6 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
 # Not yet split (this change, infrastructure notebooks still to do). Remove an entry when its cell is split.
 IN_PROGRESS = {
     '0133dd62': '19_official', 'f5e66a1e': '19_official',
-    'c9e5fdea': '24_hub', '2ad7612a': '24_hub', '95aeaf5f': '24_hub', '72815235': '24_hub',
     'eca3de11': '28_distributed',
     'dc922c8f': '31_coco_subset', 'f83a186f': '31_coco_subset',
     '87822f07': '33_hf', '746e481a': '33_hf',
