@@ -145,6 +145,7 @@ def _claim(out:Path, split:str, note:dict):
                               'refusing to mix a subset into it: choose another --out')
     atomic_write_json(marker, note)
 
+# %% ../nbs/31_coco_subset.ipynb #bb280b76
 def make_coco_subset(out:Path|str, # output root: out/annotations/instances_<split>.json and out/<split>/
                      split:str='val2017', # 'val2017' or 'train2017'
                      n:int=100, # number of images
@@ -204,6 +205,7 @@ def add_coco_subset_args(parser:argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument('--no-progress', action='store_true')
     return parser
 
+# %% ../nbs/31_coco_subset.ipynb #513b6f28
 def run_coco_subset(ns:argparse.Namespace) -> int:
     "Run `detr-explained coco-subset` with parsed arguments: 0 done, 1 some downloads failed (run again), 2 a bad input."
     categories = [c for c in ns.categories.split(',') if c.strip()]

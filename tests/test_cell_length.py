@@ -30,7 +30,6 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
 IN_PROGRESS = {
     '0133dd62': '19_official', 'f5e66a1e': '19_official',
     'eca3de11': '28_distributed',
-    'dc922c8f': '31_coco_subset', 'f83a186f': '31_coco_subset',
     '87822f07': '33_hf', '746e481a': '33_hf',
 }
 
