@@ -24,8 +24,9 @@ from .course import COURSE_DATA, BACKBONE_FORMAT, backbone_file, read_packed, un
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'ENTRIES', 'RACE_FORMAT', 'RACE_FILE', 'AnchorQueries', 'use_anchor_queries', 'Entry', 'Budget',
-           'budget_from_record', 'entry_configs', 'train_to', 'query_spread', 'recent_losses', 'run_entry', 'run_race',
-           'curves', 'plot_race', 'race_table', 'constant_predictor_ce', 'main_race']
+           'budget_from_record', 'entry_configs', 'train_to', 'query_spread', 'recent_losses', 'run_entry',
+           'race_record', 'run_race', 'curves', 'plot_race', 'race_table', 'compare', 'finding',
+           'constant_predictor_ce', 'main_race']
 
 # %% ../nbs/26_race.ipynb #abd53cdd
 class AnchorQueries(nn.Module):
@@ -172,22 +173,32 @@ def run_entry(entry: Entry, budget: Budget, seed: int, data: Path, work: Path, e
 RACE_FORMAT = 'detr_explained/race/v1'
 RACE_FILE = backbone_file('deformable_detr').parent/'race.json'      # the stored full race, beside the course models
 
-def _run(task) -> dict: return run_entry(*task)
+def _run(task) -> dict:
+    "One run; its result is also written to runs/<entry>_seed<seed>.json the moment it ends (a long race keeps them)."
+    run = run_entry(*task)
+    atomic_write_json(task[4]/f"{run['entry']}_seed{run['seed']}.json", run)
+    return run
+
+def race_record(budget: Budget, entries, runs: list[dict], command: str='', **facts) -> dict:
+    "A race record: the budget, the entries, their runs (each entry's seeds in order) and how it was run."
+    order = {(e.name, s): i for i, (e, s) in enumerate((e, s) for e in entries for s in budget.seeds)}
+    return {'format': RACE_FORMAT, 'command': command, 'budget': {**asdict(budget), 'steps': budget.steps},
+            'entries': [asdict(e) for e in entries], 'runs': sorted(runs, key=lambda r: order[r['entry'], r['seed']]),
+            **facts, 'threads_per_run': 1, 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
+            'python': platform.python_version()}
 
 def run_race(budget: Budget, out: Path|str, entries=ENTRIES, workers: int=2, eval_at=None, command: str='') -> dict:
-    "Every entry x seed under `budget` in `workers` single-threaded processes; the record (also out/race.json)."
+    "Every entry x seed under `budget` in `workers` single-threaded processes, seed by seed; the record (out/race.json)."
     out = Path(out)
     data = make_synthetic(out/'data', **{**COURSE_DATA, 'n_train': budget.n_train, 'n_val': budget.n_val})
     _backbone_weights(budget, out/'runs')
-    tasks = [(e, budget, s, data, out/'runs', eval_at) for e in entries for s in budget.seeds]
+    tasks = [(e, budget, s, data, out/'runs', eval_at) for s in budget.seeds for e in entries]   # every entry's first seed first
     load0, w0 = os.getloadavg(), time.time()
     if workers > 1:
         with mp.get_context('spawn').Pool(min(workers, len(tasks))) as pool: runs = pool.map(_run, tasks, chunksize=1)
     else: runs = [_run(t) for t in tasks]
-    record = {'format': RACE_FORMAT, 'command': command, 'budget': {**asdict(budget), 'steps': budget.steps},
-              'entries': [asdict(e) for e in entries], 'runs': runs, 'wall_s': round(time.time() - w0, 1),
-              'workers': workers, 'threads_per_run': 1, 'load_average': {'start': load0, 'end': os.getloadavg()},
-              'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version()}
+    record = race_record(budget, entries, runs, command, wall_s=round(time.time() - w0, 1), workers=workers,
+                         load_average={'start': load0, 'end': os.getloadavg()})
     atomic_write_json(out/'race.json', record)
     return record
 
@@ -234,6 +245,24 @@ def race_table(record: dict) -> str:
                     f"{a['mean'][-1]:.3f} ({a['lo'][-1]:.3f}-{a['hi'][-1]:.3f}) | "
                     f"{c['cpu_s'][-1]:.0f} | {c['seeds']} |")
     return '\n'.join(rows)
+
+# %% ../nbs/26_race.ipynb #3117af2c
+def compare(record: dict, a: str, b: str, metric: str='AP50') -> dict:
+    "Entry a against b: last-step means, ratio, whether the seeds' ranges are apart; both at the same CPU-seconds."
+    c = curves(record, metric)
+    ca, cb = c[a], c[b]
+    apart = ca['lo'][-1] > cb['hi'][-1] or cb['lo'][-1] > ca['hi'][-1]
+    cpu = float(min(ca['cpu_s'][-1], cb['cpu_s'][-1]))          # the shorter run's training CPU-seconds
+    at = lambda cv: float(np.interp(cpu, cv['cpu_s'], cv['mean']))
+    return {'a': float(ca['mean'][-1]), 'b': float(cb['mean'][-1]), 'ratio': float(ca['mean'][-1] / max(cb['mean'][-1], 1e-9)),
+            'apart': bool(apart), 'cpu_s': cpu, 'a_at_cpu': at(ca), 'b_at_cpu': at(cb)}
+
+def finding(record: dict, a: str, b: str, metric: str='AP50') -> str:
+    "One sentence: a against b, at equal steps and at equal CPU-seconds."
+    t, r = {e['name']: e['title'] for e in record['entries']}, compare(record, a, b, metric)
+    spread = 'the seeds apart' if r['apart'] else 'the seeds overlapping'
+    return (f"{t[a]} {r['a']:.3f} vs {t[b]} {r['b']:.3f} {metric} at {record['budget']['steps']} steps "
+            f"({r['ratio']:.1f}x, {spread}); at equal training CPU ({r['cpu_s']:.0f} s) {r['a_at_cpu']:.3f} vs {r['b_at_cpu']:.3f}")
 
 # %% ../nbs/26_race.ipynb #9b451e69
 def constant_predictor_ce(labels_per_image: list[list[int]], # each training image's class labels
