@@ -89,6 +89,7 @@ def _deformable_fields(cfg: Mapping) -> dict:
                 dec_n_points=cfg.get('decoder_n_points', 4), focal_alpha=cfg.get('focal_alpha', 0.25),
                 num_queries=cfg.get('two_stage_num_proposals', 300) if two_stage else cfg['num_queries'])
 
+# %% ../nbs/33_hf.ipynb #75821319
 def _dab_fields(cfg: Mapping) -> dict:
     if cfg.get('query_dim', 4) != 4:
         raise HFCheckpointError(f"query_dim={cfg['query_dim']}: DAB-DETR's anchors are 4-d boxes")
@@ -103,6 +104,7 @@ def _dab_fields(cfg: Mapping) -> dict:
                 pre_norm=bool(cfg.get('normalize_before', False)),
                 cls_loss_coef=cfg.get('cls_loss_coefficient', 1), focal_alpha=cfg.get('focal_alpha', 0.25))
 
+# %% ../nbs/33_hf.ipynb #da47ec59
 _FIELDS = {'detr': _detr_fields, 'deformable_detr': _deformable_fields, 'dab_detr': _dab_fields}
 
 def config_from_hf(cfg: Mapping): # a transformers config.json as a dict
@@ -125,6 +127,7 @@ def _hf_detr(cfg) -> dict:
     return {**_hf_common(cfg, 'd_model'), 'position_embedding_type': cfg.position_embedding,
             'activation_function': cfg.activation, 'num_queries': cfg.num_queries, 'eos_coefficient': cfg.eos_coef}
 
+# %% ../nbs/33_hf.ipynb #8b5d98e9
 def _hf_deformable(cfg) -> dict:
     return {**_hf_common(cfg, 'd_model'), 'position_embedding_type': cfg.position_embedding,
             'activation_function': cfg.activation, 'num_queries': cfg.num_queries,
@@ -146,6 +149,7 @@ def _hf_dab(cfg) -> dict:
             'keep_query_pos': cfg.keep_query_pos, 'normalize_before': cfg.pre_norm, 'query_dim': 4,
             'cls_loss_coefficient': cfg.cls_loss_coef, 'focal_alpha': cfg.focal_alpha}
 
+# %% ../nbs/33_hf.ipynb #3319aa6e
 _HF_FIELDS = {'detr': _hf_detr, 'deformable_detr': _hf_deformable, 'dab_detr': _hf_dab}
 
 def config_to_hf(family: str, cfg, id2label: Mapping[int, str]|None=None) -> dict:

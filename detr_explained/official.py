@@ -70,6 +70,7 @@ def _indices(ids:list[int]) -> str:
     if len(ids) == 1: return str(ids[0])
     return f'{{{ids[0]}-{ids[-1]}}}' if ids == list(range(ids[0], ids[-1] + 1)) else '{' + ','.join(map(str, ids)) + '}'
 
+# %% ../nbs/19_official.ipynb #9ed2ba77
 def _group(keys, limit:int=8) -> str:
     "Keys grouped by block, repeated blocks merged: 'a.layers.2.x', 'a.layers.3.x', 'c.w' -> 'a.layers.{2-3}.* (2), c.w'."
     blocks = {}   # block path with its index removed -> {index or None: [keys]}
@@ -112,6 +113,7 @@ def _n(keys) -> str: return f'{len(keys)} tensor' + ('s' if len(keys) != 1 else 
 def _is(keys) -> str: return 'is' if len(keys) == 1 else 'are'
 def _has(keys) -> str: return 'has' if len(keys) == 1 else 'have'
 
+# %% ../nbs/19_official.ipynb #e038c729
 def _mismatch_hints(model_shapes, ckpt_shapes, missing, unexpected, reshaped) -> list[str]:
     "Likely causes of a mismatch, as sentences."
     hints = []

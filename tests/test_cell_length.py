@@ -28,9 +28,7 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
 
 # Not yet split (this change, infrastructure notebooks still to do). Remove an entry when its cell is split.
 IN_PROGRESS = {
-    '0133dd62': '19_official', 'f5e66a1e': '19_official',
     'eca3de11': '28_distributed',
-    '87822f07': '33_hf', '746e481a': '33_hf',
 }
 
 
