@@ -103,3 +103,18 @@ def test_the_check_finds_a_forward_import(tmp_path):
         '01_a.ipynb cell 1 imports detr_explained.b, exported by the later 02_b.ipynb',
         '02_b.ipynb cell 1 imports detr_explained.c, exported by the later 02a_c.ipynb']
     assert [p.name for p in course_order(tmp_path)] == ['01_a.ipynb', '02_b.ipynb', '02a_c.ipynb']
+
+
+def test_the_course_map_follows_the_reading_order():
+    "00_index's course map names the notebooks in the order the check above reads them."
+    cells = json.loads((NBS / '00_index.ipynb').read_text())['cells']
+    text = '\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+    table = text.split('## Course map', 1)[1].split('\n\n##', 1)[0]
+    listed = [n for row in table.splitlines() if row.startswith('| `')
+              for n in re.findall(r'`(\d+[a-z]?_\w+)`', row.split('|')[1])]
+    rank = {p.stem: i for i, p in enumerate(course_order())}
+    missing = [n for n in listed if n not in rank]
+    assert not missing, f'the course map names notebooks that do not exist: {missing}'
+    ranks = [rank[n] for n in listed]
+    out_of_order = [f'{a} before {b}' for (a, ra), (b, rb) in zip(zip(listed, ranks), zip(listed[1:], ranks[1:])) if rb < ra]
+    assert not out_of_order, 'the course map is not in reading order: ' + '; '.join(out_of_order)
