@@ -203,6 +203,7 @@ def _non_finite_outputs(outputs: dict) -> list[str]:
             if not torch.isfinite(a[k]).all()]
     return bad
 
+# %% ../nbs/22_train.ipynb #7fe40dfc
 def _forward(model: nn.Module, tensors: Tensor, mask: Tensor) -> dict:
     "The model's outputs; a TrainingError if the images are too small for its coarsest feature map."
     try: return model(tensors, mask)
@@ -411,6 +412,7 @@ def state(self: Trainer) -> dict:
              'last_eval': self.last_eval}
     return {**state, 'checksum': _checksum_of(state)}
 
+# %% ../nbs/22_train.ipynb #332332cd
 @contextlib.contextmanager
 def _interrupts_held():
     "Hold Ctrl-C (SIGINT) until the block has finished, then raise KeyboardInterrupt: a save is completed, never cut."
@@ -460,6 +462,7 @@ def save(self: Trainer) -> Path:
     self.saved_step, self.saved_eval = self.global_step, self.last_eval
     return self.checkpoint_path
 
+# %% ../nbs/22_train.ipynb #2ceeb3c7
 @patch
 def load_state(self: Trainer, ckpt: dict, path='checkpoint'):
     "Continue from a checkpoint made by `state()` with the same configs."
