@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit, contextlib, datetime, os, signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -110,6 +111,24 @@ def _collective_error(e: BaseException) -> bool:
     return isinstance(e, dist_errors) or any(w in text for w in words)
 
 # %% ../nbs/28_distributed.ipynb #eca3de11
+def _peer_stopped(e: BaseException, world, kept: str) -> TrainingError:
+    "The one-line error of a rank whose collective failed because another process of the run stopped."
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return TrainingError(f"rank {world.rank} of {world.world_size}: another process of the run stopped ({first}); "
+                         f"{kept}. Run the same command with --resume to continue (at any number of processes)")
+
+# %% ../nbs/28_distributed.ipynb #f4fa696c
+def _start_on_rank0(trainer: Trainer, start: Callable):
+    "Rank 0 runs `start` (it prepares the folder); the others learn its outcome (an error stops every rank with the same message)."
+    outcome = [None, None]
+    if trainer.world.main:
+        try: start(); outcome = [None, trainer.last_eval]
+        except TrainingError as e: outcome = [str(e), None]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None: raise TrainingError(outcome[0] if trainer.world.main else f"rank 0 stopped: {outcome[0]}")
+    trainer.last_eval = outcome[1]
+
+# %% ../nbs/28_distributed.ipynb #25121994
 class DistributedTrainer(Trainer):
     "A Trainer that is one process of a torchrun job: DDP gradients, rank 0 alone writes (see `distribute`)."
     @property
@@ -126,27 +145,14 @@ class DistributedTrainer(Trainer):
 
     def _lock(self): return super()._lock() if self.world.main else _NoLock()
 
-    def _start(self):
-        "Rank 0 prepares the folder; the others learn its outcome (an error stops every rank with the same message)."
-        outcome = [None, None]
-        if self.world.main:
-            try: super()._start(); outcome = [None, self.last_eval]
-            except TrainingError as e: outcome = [str(e), None]
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[0] is not None: raise TrainingError(outcome[0] if self.world.main else f"rank 0 stopped: "
-                                                                                          f"{outcome[0]}")
-        self.last_eval = outcome[1]
+    def _start(self): _start_on_rank0(self, super()._start)
 
     def fit(self) -> dict:
         try: return super().fit()
         except TrainingError: raise
         except (RuntimeError, _Terminated) as e:
             if not isinstance(e, _Terminated) and not _collective_error(e): raise
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise TrainingError(f"rank {self.world.rank} of {self.world.world_size}: another process of the run "
-                                f"stopped ({first}); "
-                                f"{self._kept()}. Run the same command with --resume to continue (at any number of "
-                                f"processes)") from None
+            raise _peer_stopped(e, self.world, self._kept()) from None
 
 # %% ../nbs/28_distributed.ipynb #99bcc215
 class _Terminated(Exception): "torchrun's SIGTERM: another worker failed, the agent stops this one."

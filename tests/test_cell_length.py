@@ -28,7 +28,6 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
 
 # Not yet split (this change, infrastructure notebooks still to do). Remove an entry when its cell is split.
 IN_PROGRESS = {
-    'eca3de11': '28_distributed',
 }
 
 
