@@ -26,11 +26,6 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
                  'dab_diagnosis', 'dab_transformer', 'dab_detr', 'dab_deformable_detr', 'train', 'course_models',
                  'race', 'trained_models_read_back'}
 
-# Not yet split (this change, infrastructure notebooks still to do). Remove an entry when its cell is split.
-IN_PROGRESS = {
-}
-
-
 def _module(stem: str) -> str: return stem.split('_', 1)[1]   # '10a_ms_deform_attn_fast' -> 'ms_deform_attn_fast'
 
 
@@ -49,7 +44,7 @@ def long_exported_cells(nbs=None) -> list[tuple[str, str, int]]:
 def test_exported_cells_are_short():
     too_long = [f'{nb} cell {cid}: {n} lines (over {MAX_LINES}: split it, or allow it in tests/test_cell_length.py '
                 f'with a reason)' for nb, cid, n in long_exported_cells()
-                if cid not in ALLOWED_LONG and _module(nb) not in NOT_YET_SPLIT and cid not in IN_PROGRESS]
+                if cid not in ALLOWED_LONG and _module(nb) not in NOT_YET_SPLIT]
     assert too_long == [], '\n'.join(too_long)
 
 
@@ -58,7 +53,6 @@ def test_allowlist_is_current_and_reasoned():
     long_ids = {cid for _, cid, _ in long_exported_cells()}
     assert [cid for cid in ALLOWED_LONG if cid not in long_ids] == []
     assert all(len(reason.split()) >= 4 for _, reason in ALLOWED_LONG.values())
-    assert not set(ALLOWED_LONG) & set(IN_PROGRESS)
 
 
 def test_the_length_check_can_fail(tmp_path):
