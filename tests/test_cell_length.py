@@ -26,6 +26,7 @@ NOT_YET_SPLIT = {'transformer', 'matcher', 'criterion', 'family', 'detr', 'ms_de
                  'dab_diagnosis', 'dab_transformer', 'dab_detr', 'dab_deformable_detr', 'train', 'course_models',
                  'race', 'trained_models_read_back'}
 
+
 def _module(stem: str) -> str: return stem.split('_', 1)[1]   # '10a_ms_deform_attn_fast' -> 'ms_deform_attn_fast'
 
 
