@@ -192,7 +192,8 @@ def run_race(budget: Budget, out: Path|str, entries=ENTRIES, workers: int=2, eva
     out = Path(out)
     data = make_synthetic(out/'data', **{**COURSE_DATA, 'n_train': budget.n_train, 'n_val': budget.n_val})
     _backbone_weights(budget, out/'runs')
-    tasks = [(e, budget, s, data, out/'runs', eval_at) for s in budget.seeds for e in entries]   # every entry's first seed first
+    slow_first = sorted(entries, key=lambda e: 'deformable' not in e.family)   # the longest runs start first
+    tasks = [(e, budget, s, data, out/'runs', eval_at) for s in budget.seeds for e in slow_first]   # first seeds first
     load0, w0 = os.getloadavg(), time.time()
     if workers > 1:
         with mp.get_context('spawn').Pool(min(workers, len(tasks))) as pool: runs = pool.map(_run, tasks, chunksize=1)
