@@ -26,11 +26,11 @@ from .official import CheckpointError, load_checkpoint, load_weights   # officia
 # %% auto #0
 __all__ = ['PRESETS', 'AMP_DTYPES', 'CHECKPOINT_FORMAT', 'FREEZE', 'RESUMABLE', 'TrainingError', 'model_config',
            'parse_overrides', 'TrainConfig', 'train_config', 'check_settings', 'unfreeze_norms', 'adapt_backbone',
-           'param_groups', 'build_optimizer', 'NonFiniteLoss', 'NonFiniteWeights', 'weighted_loss', 'train_step',
-           'autocast', 'float32_outputs', 'grad_scaler', 'compiled', 'rng_state', 'set_rng_state', 'tensor_checksum',
-           'load_training_checkpoint', 'check_compatible', 'MetricsLog', 'freeze_parts', 'Trainer', 'RunLock',
-           'plot_curves', 'datasets_from_folder', 'config_from_dict', 'model_from_checkpoint',
-           'trainer_from_checkpoint']
+           'param_groups', 'cosine_factor', 'PerStepLR', 'build_optimizer', 'NonFiniteLoss', 'NonFiniteWeights',
+           'weighted_loss', 'train_step', 'autocast', 'float32_outputs', 'grad_scaler', 'compiled', 'rng_state',
+           'set_rng_state', 'tensor_checksum', 'load_training_checkpoint', 'check_compatible', 'MetricsLog',
+           'freeze_parts', 'Trainer', 'RunLock', 'plot_curves', 'datasets_from_folder', 'config_from_dict',
+           'model_from_checkpoint', 'trainer_from_checkpoint']
 
 # %% ../nbs/22_train.ipynb #28ef3130
 class TrainingError(RuntimeError):
@@ -90,6 +90,8 @@ class TrainConfig:
     checkpoint_every: int = 100      # also checkpoint every this many steps (0: at epoch ends only)
     epoch_checkpoints: bool = True   # checkpoint (and draw the curves) at the end of every epoch; the last state is always saved
     eval_every: int = 1              # evaluate every this many epochs (0: never)
+    lr_schedule: str = 'step'        # 'step': the model config's StepLR (official); 'cosine': warmup, then a cosine per step
+    warmup_steps: int = 0            # 'cosine' only: the lr rises linearly to its peak over these first steps
     train_stem: bool = False         # also train conv1 and layer1 (the official code never does)
     trainable_norm: bool = False     # FrozenBatchNorm2d -> BatchNorm2d in the backbone (training from scratch)
     remap_categories: bool = False   # category ids -> 0..K-1 (custom datasets with sparse ids)
@@ -116,7 +118,7 @@ _RULES = {  # field -> (test, what it must be); checked where the config has the
         'hidden_dim', 'nheads', 'dec_layers', 'dim_feedforward', 'num_queries', 'num_classes', 'epochs', 'lr_drop',
         'batch_size', 'num_feature_levels', 'enc_n_points', 'dec_n_points', 'num_select', 'image_size')},
     **{k: (lambda v: _int(v) and v >= 0, 'an integer >= 0') for k in (
-        'enc_layers', 'num_patterns', 'checkpoint_every', 'eval_every', 'num_workers')},
+        'enc_layers', 'num_patterns', 'checkpoint_every', 'eval_every', 'num_workers', 'warmup_steps')},
     **{k: (lambda v: _finite(v) and v >= 0, 'a finite number >= 0') for k in (
         'lr_backbone', 'weight_decay', 'clip_max_norm', 'set_cost_class', 'set_cost_bbox', 'set_cost_giou', 'cls_loss_coef',
         'bbox_loss_coef', 'giou_loss_coef', 'eos_coef', 'lr_linear_proj_mult')},
@@ -130,6 +132,7 @@ _RULES = {  # field -> (test, what it must be); checked where the config has the
     'time_limit': (lambda v: v is None or (_finite(v) and v > 0), 'a finite number of minutes > 0 (or None)'),
     'amp': (lambda v: v in (None, 'bf16', 'fp16'), "'bf16', 'fp16' or None"),
     'compile': (lambda v: isinstance(v, bool), 'True or False'),
+    'lr_schedule': (lambda v: v in ('step', 'cosine'), "'step' or 'cosine'"),
 }
 
 def check_settings(*configs):
@@ -183,10 +186,27 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
     lrs = {'rest': cfg.lr, 'backbone': cfg.lr_backbone, 'linear_proj': cfg.lr * (proj_mult or 1)}
     return [{'params': ps, 'lr': lrs[k], 'name': k} for k, ps in groups.items() if ps]
 
-def build_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
-    "AdamW over the official groups, and StepLR dividing every lr by 10 after cfg.lr_drop epochs."
+# %% ../nbs/22_train.ipynb #h2sched1
+def cosine_factor(step: int, total: int, warmup: int=0, floor: float=0.01) -> float:
+    "The lr multiplier for optimiser step `step` (from 0): linear warmup over `warmup` steps, then half a cosine from 1 to `floor` at `total`."
+    if step < warmup: return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+class PerStepLR(torch.optim.lr_scheduler.LambdaLR):
+    "A LambdaLR of the optimiser step: `Trainer` steps it after every step (an epoch schedule such as StepLR: at epoch ends)."
+    per_step = True
+
+def build_optimizer(model: nn.Module, cfg, tcfg: TrainConfig|None=None, # None: the official StepLR
+                    steps_per_epoch: int|None=None, # optimiser steps in an epoch: the cosine spans cfg.epochs of them
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    "AdamW over the official groups, and the schedule: StepLR dividing every lr by 10 after cfg.lr_drop epochs, or tcfg's cosine."
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return opt, torch.optim.lr_scheduler.StepLR(opt, cfg.lr_drop)
+    if tcfg is None or tcfg.lr_schedule == 'step': return opt, torch.optim.lr_scheduler.StepLR(opt, cfg.lr_drop)
+    if steps_per_epoch is None: raise ValueError("the cosine schedule needs steps_per_epoch (it spans cfg.epochs * steps_per_epoch steps)")
+    total, warmup = cfg.epochs * steps_per_epoch, tcfg.warmup_steps
+    return opt, PerStepLR(opt, lambda step: cosine_factor(step, total, warmup))
+
 
 # %% ../nbs/22_train.ipynb #391bbacb
 class NonFiniteLoss(TrainingError): pass
@@ -213,6 +233,7 @@ def _forward(model: nn.Module, tensors: Tensor, mask: Tensor) -> dict:
                             "the model: its coarsest feature map is a single pixel, which its GroupNorm cannot normalise. "
                             "Use a larger --image-size") from None
 
+# %% ../nbs/22_train.ipynb #aad392ba
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple,
                clip_max_norm: float, device: str='cpu',
                amp: str|None=None, # 'bf16' or 'fp16': the forward under autocast; matcher and losses in float32
@@ -381,11 +402,11 @@ class Trainer:
         set_seed(tcfg.seed)
         self.model = freeze_parts(adapt_backbone(fam.build_model(cfg), tcfg.train_stem, tcfg.trainable_norm), tcfg.freeze).to(tcfg.device)
         self.criterion, self.postprocess = fam.build_criterion(cfg).to(tcfg.device), fam.build_postprocess(cfg)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
         self.scaler, self.compiled_model = grad_scaler(tcfg.device, tcfg.amp), compiled(self.model, tcfg.compile)
         self.warm = not tcfg.compile                                         # False until the compiled model has run once
         train_ds.seed = tcfg.seed
         self.loader = make_loader(train_ds, cfg.batch_size, train=True, seed=tcfg.seed, num_workers=tcfg.num_workers)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, tcfg, self.loader.batch_sampler.num_batches())
         self.epoch, self.step, self.global_step, self.saved_step, self.last_eval, self.last_metrics = 0, 0, 0, None, None, None
         self.saved_eval = None                                              # the last_eval the checkpoint on disk holds
         self.log = MetricsLog(self.out/'metrics.jsonl')
@@ -448,6 +469,7 @@ def _nbytes(obj) -> int:
     if isinstance(obj, (list, tuple)): return sum(_nbytes(v) for v in obj)
     return 0
 
+# %% ../nbs/22_train.ipynb #9b0fd85c
 @patch
 def save(self: Trainer) -> Path:
     state = self.state()
@@ -502,12 +524,14 @@ def run_epoch(self: Trainer, t0: float) -> bool:
         with self._writing(self.log.path):
             self.log.append({'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step,
                              'lr': self.optimizer.param_groups[0]['lr'], **losses})
+        if getattr(self.scheduler, 'per_step', False): self.scheduler.step()    # PerStepLR; StepLR steps at epoch ends
         recent = (recent + [losses['loss']])[-50:]
         bar.update(); bar.set_postfix(loss=f'{np.mean(recent):.3f}')
         if self.tcfg.checkpoint_every and self.global_step % self.tcfg.checkpoint_every == 0: self.save()
     bar.close()
     return self.step < total or self._should_stop(t0)
 
+# %% ../nbs/22_train.ipynb #65401823
 @patch
 def _fail(self: Trainer, e: Exception) -> TrainingError:
     where = f"epoch {self.epoch + 1} step {self.step + 1} (global step {self.global_step + 1})"
@@ -537,7 +561,8 @@ def _evaluate_saved(self: Trainer) -> dict|None:
 
 @patch
 def end_epoch(self: Trainer):
-    self.scheduler.step(); self.epoch += 1; self.step = 0
+    if not getattr(self.scheduler, 'per_step', False): self.scheduler.step()     # an epoch schedule (StepLR)
+    self.epoch += 1; self.step = 0
     if self.tcfg.epoch_checkpoints: self.save()                        # the epoch's work is on disk before anything else runs
     if self.tcfg.eval_every and self.epoch % self.tcfg.eval_every == 0: self._evaluate_saved()
     if self.tcfg.epoch_checkpoints:
@@ -591,6 +616,7 @@ def _start(self: Trainer):
         found = [r['eval'] for r in self.log.read() if 'eval' in r and r['global_step'] == self.global_step]
         if found: self.last_eval = found[-1]
 
+# %% ../nbs/22_train.ipynb #16f914c8
 @patch
 def fit(self: Trainer) -> dict:
     "Train to cfg.epochs (or max_steps / time_limit); returns a summary."
@@ -659,6 +685,7 @@ def config_from_dict(family: str, d: dict):
     if unknown: raise CheckpointError(f"the checkpoint's model config has field {unknown[0]!r}, which {cls.__name__} does not know")
     return cls(**d)
 
+# %% ../nbs/22_train.ipynb #a4bbba44
 def model_from_checkpoint(path: Path|str, device: str='cpu') -> tuple[nn.Module, nn.Module, dict]:
     "(model in eval mode, postprocess, checkpoint) from a detr_explained checkpoint."
     ckpt = load_training_checkpoint(path)

@@ -74,6 +74,11 @@ def test_demo_quick(tmp_path):
     runs = [p for p in (tmp_path / 'demo').iterdir() if p.name != 'data']
     assert len(runs) == 1
     for f in ('checkpoint.pt', 'curves.png', 'predictions.png', 'metrics_val.json'): assert (runs[0] / f).exists()
+    assert 'warmup 100 steps, then cosine' in r.stdout                   # cli.DEMO_TRAIN's schedule, not the preset's step
+    r = cli('demo', '--out', tmp_path / 'demo', '--images', 16, '--val-images', 8, '--max-steps', 3, '--quiet')
+    assert r.returncode == 0 and 'resuming' in r.stdout, r.stderr
+    lrs = [rec['lr'] for rec in map(json.loads, (runs[0] / 'metrics.jsonl').read_text().splitlines()) if 'lr' in rec]
+    assert lrs == pytest.approx([1e-5, 2e-5, 3e-5])                      # warmup: lr 1e-3 * step / 100, continued on resume
 
 
 @pytest.mark.parametrize('family', ['detr', 'deformable_detr', 'dab_detr'])
