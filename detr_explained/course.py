@@ -19,12 +19,12 @@ from .train import Trainer, train_config, model_config, datasets_from_folder, ad
 from .evaluate import evaluate_dataset, coco_evaluator, STAT_NAMES
 
 # %% auto #0
-__all__ = ['COURSE_DIR', 'COURSE_FORMAT', 'BACKBONE_FORMAT', 'COURSE_DATA', 'BODY', 'COURSE_TRAIN', 'COURSE_SIZE', 'RECIPES',
-           'CourseModelError', 'Recipe', 'quantize_per_channel', 'dequantize', 'pack_backbone', 'unpack_backbone',
-           'split_weights', 'pack_model', 'model_file', 'card_file', 'backbone_file', 'read_packed', 'build_packed',
-           'CourseModel', 'course_model_names', 'course_model', 'cpu_seconds', 'recipe_configs', 'recipe_trainer',
-           'store_course_model', 'build_course_model', 'rebuild_course_models', 'course_cards', 'cards_table',
-           'main_course_models']
+__all__ = ['COURSE_DIR', 'COURSE_FORMAT', 'BACKBONE_FORMAT', 'COURSE_DATA', 'BODY', 'COURSE_TRAIN', 'COURSE_SIZE', 'RACE_TRAIN',
+           'RECIPES', 'CourseModelError', 'Recipe', 'quantize_per_channel', 'dequantize', 'pack_backbone',
+           'unpack_backbone', 'split_weights', 'pack_model', 'model_file', 'card_file', 'backbone_file', 'read_packed',
+           'build_packed', 'CourseModel', 'course_model_names', 'course_model', 'cpu_seconds', 'recipe_configs',
+           'recipe_trainer', 'store_course_model', 'build_course_model', 'rebuild_course_models', 'course_cards',
+           'cards_table', 'main_course_models']
 
 # %% ../nbs/25_course_models.ipynb #8a6b4422
 _HERE = Path(__file__).parent if '__file__' in globals() else Path('../detr_explained')   # notebook: run in nbs/
@@ -37,6 +37,8 @@ COURSE_TRAIN = dict(preset='course', image_size=128, augment='flip', seed=42, tr
 COURSE_SIZE = dict(backbone='resnet18', dilation=False, hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
                    dim_feedforward=256, dropout=0.0, num_queries=12, batch_size=4)   # every course model's shape
 _ON_SHARED = dict(lr=5e-4, lr_backbone=0.0, epochs=8, lr_drop=7)  # official lr x 5 on the frozen shared ResNet, 2000 steps
+RACE_TRAIN = dict(COURSE_TRAIN, seed=0, checkpoint_every=0, epoch_checkpoints=False, eval_every=0)   # `26_race`'s runs
+_RACE_LONG = dict(lr=5e-4, lr_backbone=0.0, epochs=48, lr_drop=49)   # a race run planned for 12000 steps, constant lr
 
 class CourseModelError(ValueError):
     "An unknown course model, or a shipped file that is missing or not what it should be."
@@ -50,12 +52,13 @@ class Recipe:
     backbone_from: str|None = None  # None: its ResNet-18 trains from scratch; a name: that model's ResNet, frozen
     threads: int = 2                # torch threads while training (the numbers are reproducible for a given count)
     train: dict = field(default_factory=lambda: dict(COURSE_TRAIN))   # TrainConfig fields (on the official defaults)
+    steps: int|None = None          # stop after this many steps (None: all the epochs)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe('deformable_detr', 'deformable_detr',                          # session 2's `detr-explained demo`, pinned
            dict(variant='box_refine', lr=1e-3, lr_backbone=5e-4, epochs=13, lr_drop=12)),
-    Recipe('detr', 'detr', _ON_SHARED, backbone_from='deformable_detr'),
-    Recipe('dab_detr', 'dab_detr', _ON_SHARED, backbone_from='deformable_detr'),
+    Recipe('detr', 'detr', _RACE_LONG, backbone_from='deformable_detr', threads=1, train=RACE_TRAIN, steps=6000),
+    Recipe('dab_detr', 'dab_detr', _RACE_LONG, backbone_from='deformable_detr', threads=1, train=RACE_TRAIN, steps=4500),
     Recipe('dab_deformable_detr', 'dab_deformable_detr', _ON_SHARED, backbone_from='deformable_detr', threads=1),
 )}
 
@@ -170,7 +173,8 @@ def _sha256(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).h
 
 def recipe_configs(recipe: Recipe, num_classes: int, backbone: Path|None=None, max_steps: int|None=None):
     "(TrainConfig, model config) of a recipe: the official defaults, then COURSE_SIZE, the recipe's fields, the backbone."
-    tcfg = replace(train_config('official'), **{**recipe.train, 'family': recipe.family, 'max_steps': max_steps})
+    tcfg = replace(train_config('official'), **{**recipe.train, 'family': recipe.family,
+                                                'max_steps': recipe.steps if max_steps is None else max_steps})
     shared = {} if recipe.backbone_from is None else dict(lr_backbone=0.0, pretrained_backbone=str(backbone))
     cfg = model_config(recipe.family, 'official', **{**COURSE_SIZE, 'num_classes': num_classes, **recipe.model, **shared})
     return tcfg, cfg
