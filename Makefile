@@ -74,13 +74,15 @@ docs-test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python docs/build.py --no-cache
 
 ## JupyterLab on the course: the kernel `detr-explained` (this venv, registered in it) named by every notebook,
-## ipympl for `%matplotlib widget`; opens nbs/00_index.ipynb on http://127.0.0.1 (LAB_PORT, default 8888).
+## ipympl for `%matplotlib widget`; first fetches the course's 32 COCO photos into the user cache (once; offline it says so
+## in one line and the notebooks use synthetic images); opens nbs/00_index.ipynb on http://127.0.0.1 (LAB_PORT, default 8888).
 LAB_PORT ?= 8888
 KERNEL_JSON := $(VENV)/share/jupyter/kernels/detr-explained/kernel.json
 $(KERNEL_JSON): $(VENV)/.installed tools/kernelspec.py
 	$(BIN)/python tools/kernelspec.py install
 
 lab: setup $(KERNEL_JSON)
+	@$(BIN)/detr-explained course-photos || true   # offline: its one line says the synthetic set is used
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
 	  $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True) nbs/00_index.ipynb
 

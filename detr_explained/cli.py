@@ -151,10 +151,15 @@ def _check(argv: list[str]) -> int:
     return main_check(argv)
 
 # %% ../nbs/35_cli.ipynb #9ea1506a
+def _course_photos(argv: list[str]) -> int:
+    from detr_explained.coco_subset import main_course_photos
+    return main_course_photos(argv)
+
 DELEGATED = {  # command -> (function(argv) -> exit code, help); each parser lives in its own notebook (30, 31, 25, 26)
     'fetch': (_fetch, 'download and load a published checkpoint, or hf:<repo_id> from the Hugging Face Hub (`fetch --help`)'),
     'export': (_export, 'export a model to ONNX and check it with ONNX Runtime (`export --help`)'),
     'coco-subset': (_coco_subset, 'build a COCO subset from the official annotations and images (`coco-subset --help`)'),
+    'course-photos': (_course_photos, "fetch the course's 32 COCO photos into the user cache, once (`course-photos --help`)"),
     'course-models': (_course_models, 'list the trained course models, or rebuild them (`course-models --help`)'),
     'check': (_check, 'check data and model before a long run: boxes, classes, image sizes, overfit one batch (`check --help`)'),
     'race': (_race, 'the convergence race: every family and ablation under one budget (`race --help`)'),

@@ -11,13 +11,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .core import atomic_write_json
+from .core import atomic_write_json, course_photos_dir, sample_complete
 from .hub import DownloadError, cache_dir, download
 
 # %% auto #0
-__all__ = ['COCO_ANNOTATIONS_URL', 'COCO_IMAGES_URL', 'SPLITS', 'CocoSubsetError', 'CocoSubsetIncomplete', 'fetch_annotations',
-           'read_instances', 'category_ids', 'choose_images', 'subset_annotations', 'check_image', 'fetch_images',
-           'make_coco_subset', 'add_coco_subset_args', 'run_coco_subset', 'main_coco_subset']
+__all__ = ['COCO_ANNOTATIONS_URL', 'COCO_IMAGES_URL', 'SPLITS', 'COURSE_PHOTO_IDS', 'CocoSubsetError', 'CocoSubsetIncomplete',
+           'fetch_annotations', 'read_instances', 'category_ids', 'choose_images', 'subset_annotations', 'check_image',
+           'fetch_images', 'make_coco_subset', 'add_coco_subset_args', 'run_coco_subset', 'main_coco_subset',
+           'fetch_course_photos', 'add_course_photos_args', 'run_course_photos', 'main_course_photos']
 
 # %% ../nbs/31_coco_subset.ipynb #0eab135d
 COCO_ANNOTATIONS_URL = 'http://images.cocodataset.org/annotations/annotations_trainval2017.zip'
@@ -37,10 +38,11 @@ def _check_archive(path:Path):
 
 def fetch_annotations(url:str=COCO_ANNOTATIONS_URL, # the official annotation archive, or a mirror of it
                       cache:Path|str|None=None, # cache root (default `hub.cache_dir()`); the archive goes to <cache>/coco
-                      progress:bool=True) -> Path:
+                      progress:bool=True, timeout:float=60., retries:int=5) -> Path:
     "The annotation archive in the cache, downloaded (resumably) if it is not there yet."
     root = Path(cache).expanduser() if cache else cache_dir()
-    return download(url, root/'coco'/Path(url.split('?')[0]).name, sha256_prefix=None, check=_check_archive, progress=progress)
+    return download(url, root/'coco'/Path(url.split('?')[0]).name, sha256_prefix=None, check=_check_archive, progress=progress,
+                    timeout=timeout, retries=retries, backoff=min(1., timeout / 10))
 
 # %% ../nbs/31_coco_subset.ipynb #45a42b6c
 def read_instances(source:Path|str, # the annotation archive (zip) or an instances JSON file
@@ -228,3 +230,68 @@ def main_coco_subset(argv:list[str]|None=None) -> int:
     try: ns = add_coco_subset_args(parser).parse_args(argv)
     except SystemExit as e: return e.code
     return run_coco_subset(ns)
+
+# %% ../nbs/31_coco_subset.ipynb #cphot002
+COURSE_PHOTO_IDS = (5001, 10764, 20992, 25603, 25986, 30213, 47112, 51712, 55299, 56344, 60932, 64523, 104455, 119828,
+                    125952, 158227, 161799, 166918, 168458, 168974, 173057, 175364, 184321, 184324, 199681, 208901,
+                    221708, 223747, 239041, 239627, 241668, 243204)   # val2017 ids: the shared sample's first 32 by id
+
+def fetch_course_photos(cache:Path|str|None=None, # cache root (default `hub.cache_dir()`); photos go to <cache>/course-photos
+                        image_ids=COURSE_PHOTO_IDS, # which val2017 images
+                        annotations:Path|str|None=None, # a local annotation archive or instances_val2017.json (default: download)
+                        annotations_url:str=COCO_ANNOTATIONS_URL, images_url:str=COCO_IMAGES_URL,
+                        timeout:float=8., retries:int=1, workers:int=8, progress:bool=True) -> Path:
+    "The course's photos in the cache (`core.course_photos_dir`), fetched once; the annotation file is written last."
+    out = course_photos_dir(cache)
+    if sample_complete(out): return out
+    source = Path(annotations) if annotations else fetch_annotations(annotations_url, cache, progress, timeout, retries)
+    coco = read_instances(source, 'val2017')
+    missing = sorted(set(image_ids) - {im['id'] for im in coco['images']})
+    if missing: raise CocoSubsetError(f'{source}: no val2017 image with id {missing[0]} ({len(missing)} of the {len(image_ids)} course photos missing)')
+    subset = subset_annotations(coco, image_ids, {'course_photos': len(image_ids), 'annotations': str(annotations or annotations_url),
+                                                  'images': f"{images_url.rstrip('/')}/val2017/"})
+    _, failures = fetch_images(subset['images'], out/'images', f"{images_url.rstrip('/')}/val2017", workers, retries, timeout, progress)
+    if failures:
+        name, why = next(iter(failures.items()))
+        raise CocoSubsetIncomplete(f'{len(failures)} of {len(image_ids)} photos failed (e.g. {name}: {" ".join(why.split())})')
+    atomic_write_json(out/'annotations'/'instances_val2017.json', subset, indent=None)
+    return out
+
+# %% ../nbs/31_coco_subset.ipynb #cphot006
+def add_course_photos_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Arguments of `detr-explained course-photos`."
+    parser.add_argument('--cache-dir', help='cache root (default $DETR_EXPLAINED_CACHE or ~/.cache/detr_explained)')
+    parser.add_argument('--annotations', help='a local annotations_trainval2017.zip or instances_val2017.json (skips its download)')
+    parser.add_argument('--annotations-url', default=COCO_ANNOTATIONS_URL)
+    parser.add_argument('--images-url', default=COCO_IMAGES_URL, help='base URL; images are <base>/val2017/<file_name>')
+    parser.add_argument('--timeout', type=float, default=8., help='seconds without an answer before giving up (default 8)')
+    parser.add_argument('--no-progress', action='store_true')
+    return parser
+
+
+# %% ../nbs/31_coco_subset.ipynb #cphot008
+def run_course_photos(ns:argparse.Namespace) -> int:
+    "Run `detr-explained course-photos`: 0 the photos are there, 1 the network failed (synthetic images are used), 2 a bad input."
+    out = course_photos_dir(ns.cache_dir)
+    if sample_complete(out): print(f'course-photos: {len(COURSE_PHOTO_IDS)} COCO val2017 photos already in {out}'); return 0
+    try:
+        if ns.annotations and not Path(ns.annotations).is_file(): raise CocoSubsetError(f'--annotations {ns.annotations}: file not found')
+        if not ns.annotations and not (Path(ns.cache_dir).expanduser() if ns.cache_dir else cache_dir()).joinpath('coco', 'annotations_trainval2017.zip').exists():
+            print('course-photos: fetching the COCO annotation archive (241 MB, once) and 32 val2017 photos', file=sys.stderr)
+        fetch_course_photos(ns.cache_dir, annotations=ns.annotations, annotations_url=ns.annotations_url,
+                            images_url=ns.images_url, timeout=ns.timeout, progress=not ns.no_progress)
+    except (CocoSubsetIncomplete, DownloadError) as e:                # the network's fault: the same command resumes
+        print(f'course-photos: photos not fetched ({" ".join(str(e).split())}); the notebooks use synthetic images. '
+              'Run `detr-explained course-photos` again when online: it resumes.', file=sys.stderr)
+        return 1
+    except (CocoSubsetError, OSError, zipfile.BadZipFile, ValueError) as e:
+        print(f'course-photos: error: {" ".join(str(e).split())}', file=sys.stderr); return 2
+    print(f'course-photos: {len(COURSE_PHOTO_IDS)} COCO val2017 photos in {out}; the notebooks now show them')
+    return 0
+
+def main_course_photos(argv:list[str]|None=None) -> int:
+    "`detr-explained course-photos ...` as a function; returns the exit status (usage errors: 2, in one line)."
+    parser = _OneLineParser(prog='detr-explained course-photos', description="Fetch the course's 32 COCO photos into the user cache, once.")
+    try: ns = add_course_photos_args(parser).parse_args(argv)
+    except SystemExit as e: return e.code
+    return run_course_photos(ns)

@@ -20,9 +20,9 @@ def configure_threads(environ: dict|None=None, # the environment to complete; de
 if 'torch' not in sys.modules: configure_threads()   # the library imported before torch: choose now
 
 # %% auto #0
-__all__ = ['THREAD_DEFAULTS', 'configure_threads', 'shared_dir', 'coco_sample_dir', 'load_official_fixture',
-           'official_fixture_or_none', 'atomic_save', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'set_seed', 'clones']
+__all__ = ['THREAD_DEFAULTS', 'CACHE_ENV', 'COURSE_PHOTOS', 'configure_threads', 'shared_dir', 'cache_dir', 'course_photos_dir',
+           'sample_complete', 'coco_sample_dir', 'load_official_fixture', 'official_fixture_or_none', 'atomic_save',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'set_seed', 'clones']
 
 # %% ../nbs/01_core.ipynb #04ae2a24
 import copy, json, os, random, tempfile
@@ -44,10 +44,36 @@ def shared_dir() -> Path:
         if c.exists(): return c.resolve()
     return candidates[0].resolve()
 
+
+# %% ../nbs/01_core.ipynb #cphotc01
+CACHE_ENV = 'DETR_EXPLAINED_CACHE'
+COURSE_PHOTOS = 'course-photos'   # the cache's sub-folder for the course's COCO photos (31_coco_subset fetches them)
+
+def cache_dir(sub:str|None=None, # a sub-folder, e.g. 'checkpoints'
+             ) -> Path:
+    "The download cache: `$DETR_EXPLAINED_CACHE`, else `$XDG_CACHE_HOME/detr_explained`, else `~/.cache/detr_explained`."
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'detr_explained'
+    root = Path(root).expanduser()
+    return root/sub if sub else root
+
+def course_photos_dir(cache:Path|str|None=None, # cache root (default `cache_dir()`)
+                     ) -> Path:
+    "Where `detr-explained course-photos` puts the course's COCO photos: `<cache>/course-photos`."
+    return (Path(cache).expanduser() if cache else cache_dir())/COURSE_PHOTOS
+
+def sample_complete(d:Path) -> bool:
+    "Does `d` hold `annotations/instances_val2017.json` and every image it lists in `images/`?"
+    try: images = json.loads((d/'annotations'/'instances_val2017.json').read_text())['images']
+    except (OSError, ValueError, KeyError, TypeError): return False
+    return bool(images) and all((d/'images'/im['file_name']).is_file() for im in images)
+
 def coco_sample_dir() -> Path|None:
-    "The 160-image COCO sample (`images/`, `annotations/`), or None where it is not available."
+    "Real COCO photos (`images/`, `annotations/instances_val2017.json`): ../shared's sample, else the cached course photos, else None."
     d = shared_dir()/'coco-sample'
-    return d if (d/'annotations').exists() else None
+    if (d/'annotations').exists(): return d
+    d = course_photos_dir()
+    return d if sample_complete(d) else None
+
 
 # %% ../nbs/01_core.ipynb #84edd20f
 def load_official_fixture(name: str, # 'detr', 'deformable_detr', 'dab_detr' or 'ms_deform_attn_core'

@@ -19,20 +19,15 @@ from .official import CheckpointError, from_official, load_checkpoint, split_che
 from .official import CheckpointMismatch, UnsafeCheckpointError  # noqa: F401 (the hub's users catch them)
 
 # %% auto #0
-__all__ = ['CACHE_ENV', 'OFFICIAL_CHECKPOINTS', 'HASH_REGEX', 'cache_dir', 'OfficialCheckpoint', 'checkpoint_table',
-           'hash_prefix', 'sha256_file', 'DownloadError', 'download', 'checkpoint_contents', 'check_torch_file',
-           'resolve_checkpoint', 'CheckpointInfo', 'from_official_checkpoint', 'add_fetch_args', 'run_fetch',
-           'main_fetch']
+__all__ = ['OFFICIAL_CHECKPOINTS', 'HASH_REGEX', 'OfficialCheckpoint', 'checkpoint_table', 'hash_prefix', 'sha256_file',
+           'DownloadError', 'download', 'checkpoint_contents', 'check_torch_file', 'resolve_checkpoint',
+           'CheckpointInfo', 'from_official_checkpoint', 'add_fetch_args', 'run_fetch', 'main_fetch', 'CACHE_ENV',
+           'cache_dir']
 
 # %% ../nbs/24_hub.ipynb #f479458b
-CACHE_ENV = 'DETR_EXPLAINED_CACHE'
+from .core import CACHE_ENV, cache_dir   # defined in core, so that core.coco_sample_dir finds the cached course photos
+_all_ = ['CACHE_ENV', 'cache_dir']
 
-def cache_dir(sub:str|None=None, # a sub-folder, e.g. 'checkpoints'
-             ) -> Path:
-    "The download cache: `$DETR_EXPLAINED_CACHE`, else `$XDG_CACHE_HOME/detr_explained`, else `~/.cache/detr_explained`."
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'detr_explained'
-    root = Path(root).expanduser()
-    return root/sub if sub else root
 
 # %% ../nbs/24_hub.ipynb #73a56005
 @dataclass(frozen=True)

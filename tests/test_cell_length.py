@@ -69,7 +69,7 @@ _RESHAPE = re.compile(r'\.(?:view|reshape|flatten|permute|transpose|unflatten)\(
 _SHAPE_COMMENT = re.compile(r'#.*\([^()]*\).*->.*\([^()]*\)')
 # Notebooks (number prefix dropped, so a renumbering keeps them) whose reshapes do not all carry a comment yet, owned
 # by other changes; remove a name once it passes.
-RESHAPES_TO_DO = {'box_ops', 'position_encoding', 'backbone', 'transformer', 'detr', 'criterion', 'ms_deform_attn',
+RESHAPES_TO_DO = {'transformer', 'detr', 'criterion', 'ms_deform_attn',
                   'deformable_detr', 'dab_diagnosis', 'dab_transformer', 'dab_detr', 'dab_deformable_detr', 'train',
                   'course_models', 'trained_models_read_back'}
 
