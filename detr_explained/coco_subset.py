@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_coco_subset.ipynb #8cc411d0
 from __future__ import annotations
-import argparse, hashlib, json, sys, zipfile, zlib
+import argparse, hashlib, json, sys, urllib.error, urllib.parse, zipfile, zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -268,6 +268,12 @@ def add_course_photos_args(parser:argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument('--no-progress', action='store_true')
     return parser
 
+def _why(e:Exception) -> str:
+    "The reason a fetch failed, in a few words: the unreachable host, else the error's own message on one line."
+    cause = e.__cause__
+    if isinstance(cause, urllib.error.URLError) and not isinstance(cause, urllib.error.HTTPError):
+        return f'{urllib.parse.urlsplit(str(e).split(": ")[0]).netloc or "the server"} unreachable: {cause.reason}'
+    return " ".join(str(e).split())
 
 # %% ../nbs/31_coco_subset.ipynb #cphot008
 def run_course_photos(ns:argparse.Namespace) -> int:
@@ -281,7 +287,7 @@ def run_course_photos(ns:argparse.Namespace) -> int:
         fetch_course_photos(ns.cache_dir, annotations=ns.annotations, annotations_url=ns.annotations_url,
                             images_url=ns.images_url, timeout=ns.timeout, progress=not ns.no_progress)
     except (CocoSubsetIncomplete, DownloadError) as e:                # the network's fault: the same command resumes
-        print(f'course-photos: photos not fetched ({" ".join(str(e).split())}); the notebooks use synthetic images. '
+        print(f'course-photos: photos not fetched ({_why(e)}); the notebooks use synthetic images. '
               'Run `detr-explained course-photos` again when online: it resumes.', file=sys.stderr)
         return 1
     except (CocoSubsetError, OSError, zipfile.BadZipFile, ValueError) as e:

@@ -112,7 +112,7 @@ def test_offline_fails_fast_in_one_line(tmp_path, capsys):
     elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith('course-photos: fetching'), err   # what it is about to do, then why not
-    assert err[1].startswith('course-photos: photos not fetched (') and 'synthetic images' in err[1], err
+    assert err[1].startswith(f'course-photos: photos not fetched ({dead[7:]} unreachable: ') and 'synthetic images' in err[1], err
     assert elapsed < 5, elapsed
     assert core.coco_sample_dir() is None
     assert not (tmp_path/'cache'/'coco'/'annotations_trainval2017.zip').exists()
