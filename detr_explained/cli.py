@@ -82,6 +82,9 @@ def _add_model_options(p: argparse.ArgumentParser):
     g.add_argument('--lr', type=POSITIVE, help='learning rate of the transformer and heads (official 1e-4; Deformable 2e-4)')
     g.add_argument('--lr-backbone', type=NON_NEGATIVE_FLOAT, help='learning rate of the backbone (official 1e-5; 0 freezes it)')
     g.add_argument('--lr-drop', type=COUNT, help='divide the learning rates by 10 after this many epochs')
+    g.add_argument('--lr-schedule', choices=['step', 'cosine'], help="'step' (default: the official drop by 10 after --lr-drop "
+                   "epochs) or 'cosine' (a linear warmup over --warmup-steps, then a cosine per step down to lr/100)")
+    g.add_argument('--warmup-steps', type=NON_NEGATIVE, help="--lr-schedule cosine only: the lr rises linearly over these first steps (default 0)")
     g.add_argument('--image-size', type=COUNT, help='shorter image side at validation; training sizes scale with it (official 800)')
     g.add_argument('--augment', choices=['official', 'multiscale', 'flip', 'none'], help='training augmentations')
     g.add_argument('--pretrained-backbone', metavar='PATH', help='local torchvision ResNet weights (.pth); nothing is downloaded')
@@ -258,7 +261,7 @@ def train_changes(args, family: str) -> tuple[dict, dict]:
     "(TrainConfig changes, model config changes) that the user gave on the command line."
     from detr_explained.family import get_family
     from detr_explained.train import parse_overrides
-    t = _given(args, ('image_size', 'augment', 'seed', 'remap_categories', 'freeze', *_RUN_TRAIN))
+    t = _given(args, ('image_size', 'augment', 'seed', 'remap_categories', 'freeze', 'lr_schedule', 'warmup_steps', *_RUN_TRAIN))
     m = {**_given(args, ('epochs', 'batch_size', 'lr', 'lr_backbone', 'lr_drop', 'pretrained_backbone')),
          **parse_overrides(args.set, get_family(family).Config)}
     return t, m
@@ -283,11 +286,14 @@ def _resume_path(args, out: Path) -> Path|None:
 # %% ../nbs/35_cli.ipynb #b19d7e27
 def _new_trainer(args, out: Path, progress: bool):
     "A Trainer for a fresh run: the preset's configs with the options given, on the folder's datasets."
-    from detr_explained.train import Trainer, train_config, model_config, datasets_from_folder
+    from detr_explained.train import Trainer, TrainingError, train_config, model_config, datasets_from_folder
     from detr_explained.evaluate import coco_evaluator
     family, preset = args.family or 'detr', args.preset or 'small'
     t, m = train_changes(args, family)
     tcfg = train_config(preset, family=family, **t)
+    if t.get('warmup_steps') and tcfg.lr_schedule != 'cosine':
+        raise TrainingError(f"--warmup-steps {t['warmup_steps']}: only with --lr-schedule cosine (the {tcfg.lr_schedule!r} "
+                            "schedule has no warmup)")
     train_ds, val_ds = datasets_from_folder(args.data, tcfg)
     cfg = model_config(family, preset, **{'num_classes': train_ds.num_classes, **m})
     _check_pretrained(cfg)

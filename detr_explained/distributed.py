@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import CocoDetection, EpochBatchSampler, collate_fn, derive_seed
 from .evaluate import coco_evaluate, predict, to_coco_results
-from .train import MetricsLog, Trainer, TrainingError, datasets_from_folder
+from .train import MetricsLog, Trainer, TrainingError, build_optimizer, datasets_from_folder
 
 # %% auto #0
 __all__ = ['World', 'world_from_env', 'join_torchrun', 'RankBatchSampler', 'gathered_evaluator', 'ReadOnlyLog',
@@ -181,6 +181,7 @@ def distribute(trainer: Trainer, world: World, data: Path|str|None=None) -> Dist
     trainer.loader = torch.utils.data.DataLoader(trainer.train_ds, batch_sampler=sampler, collate_fn=collate_fn,
                                                  num_workers=t.num_workers,
                                                  generator=torch.Generator().manual_seed(t.seed))
+    _size_schedule(trainer, sampler.num_batches())      # a per-step schedule spans the steps of THIS loader
     ids = [world.local_rank] if world.backend == 'nccl' else None
     # broadcasts rank 0's weights
     trainer.ddp = nn.parallel.DistributedDataParallel(trainer.model, device_ids=ids, find_unused_parameters=True)
@@ -192,3 +193,13 @@ def distribute(trainer: Trainer, world: World, data: Path|str|None=None) -> Dist
         trainer.evaluate_fn = gathered_evaluator(val, world, device=t.device) if val is not None else None
     signal.signal(signal.SIGTERM, _raise_terminated)
     return trainer
+
+# %% ../nbs/28_distributed.ipynb #h7sched1
+def _size_schedule(trainer: Trainer, steps_per_epoch: int):
+    "Size `trainer`'s per-step schedule by `steps_per_epoch` (of the loader it runs on), at the step it has reached."
+    s = trainer.scheduler
+    if not getattr(s, 'per_step', False): return                       # StepLR: epochs, whatever the loader
+    s.lr_lambdas = build_optimizer(trainer.model, trainer.cfg, trainer.tcfg, steps_per_epoch)[1].lr_lambdas
+    for g, base, f in zip(trainer.optimizer.param_groups, s.base_lrs, s.lr_lambdas): g['lr'] = base * f(s.last_epoch)
+    s._last_lr = [g['lr'] for g in trainer.optimizer.param_groups]
+

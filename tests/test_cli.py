@@ -106,3 +106,30 @@ def test_default_preset_trains(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert 'detr (small preset)' in out and 'done: epoch 1, 1 steps' in out
+
+
+def test_lr_schedule_options_and_resume(tmp_path, capsys):
+    "--lr-schedule cosine --warmup-steps N: the logged lr follows the warmup, then the cosine; resume keeps the schedule."
+    from detr_explained.cli import main
+    from detr_explained.synthetic import make_synthetic
+    from detr_explained.train import cosine_factor
+    syn = make_synthetic(tmp_path / 'syn', n_train=6, n_val=1, size=64)
+    base = ['train', '--data', str(syn), '--preset', 'tiny', '--batch-size', '2', '--epochs', '2', '--lr', '1e-3',
+            '--eval-every', '0', '--quiet']
+    cos = base + ['--lr-schedule', 'cosine', '--warmup-steps', '2']
+    lrs = lambda run: [json.loads(l)['lr'] for l in (run / 'metrics.jsonl').read_text().splitlines() if '"lr"' in l]
+    for bad, named in ((['--warmup-steps', '-1'], '--warmup-steps'), (['--lr-schedule', 'linear'], '--lr-schedule'),
+                       (['--warmup-steps', '3'], '--warmup-steps 3: only with --lr-schedule cosine')):
+        assert main(base + ['--out', str(tmp_path / 'bad')] + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err
+    assert main(cos + ['--out', str(tmp_path / 'a'), '--max-steps', '3']) == 0
+    assert 'warmup 2 steps, then cosine' in capsys.readouterr().out
+    expected = [1e-3 * cosine_factor(s, 2 * 3, 2) for s in range(6)]      # 6 images / batch 2 = 3 steps an epoch, 2 epochs
+    assert lrs(tmp_path / 'a') == pytest.approx(expected[:3], rel=1e-9)  # 5e-4, 1e-3 (warmup), then the cosine
+    assert main(base + ['--out', str(tmp_path / 'a'), '--max-steps', '6', '--resume']) == 0   # no schedule options: the checkpoint's
+    assert main(cos + ['--out', str(tmp_path / 'b')]) == 0                 # uninterrupted: 6 steps
+    assert lrs(tmp_path / 'a') == pytest.approx(lrs(tmp_path / 'b'), rel=1e-12) == expected
+    capsys.readouterr()
+    assert main(base + ['--out', str(tmp_path / 'a'), '--resume', '--lr-schedule', 'step', '--max-steps', '7']) == 2
+    assert "lr_schedule='cosine'; --resume cannot change it to 'step'" in capsys.readouterr().err

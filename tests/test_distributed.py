@@ -108,3 +108,26 @@ def test_a_killed_rank_stops_the_run_cleanly_and_it_resumes(data, single, tmp_pa
     one, resumed = _weights(single), _weights(out)
     floats = [k for k in one if one[k].is_floating_point()]
     assert max((one[k].double() - resumed[k].double()).abs().max().item() for k in floats) < 1e-5
+
+
+def _lrs(run: Path) -> list[float]:
+    import json
+    return [r['lr'] for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if 'lr' in r]
+
+
+def test_a_cosine_schedule_spans_the_same_steps_at_two_processes(data, tmp_path):
+    "The cosine is sized by the distributed loader: the logged lrs are one process's, step for step."
+    import math
+    from detr_explained.train import cosine_factor
+    cos = TRAIN + ['--data', str(data), '--lr-schedule', 'cosine', '--warmup-steps', '2', '--lr', '1e-3', '--max-steps', '4',
+                   '--epochs', '2', '--checkpoint-every', '0']
+    runs = {}
+    for nproc in (None, 2):
+        out = runs[nproc] = tmp_path / f'cos{nproc}'
+        r = subprocess.run(_cli(cos + ['--out', str(out)], nproc=nproc), env=ENV, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert 'warmup 2 steps, then cosine' in r.stdout
+    expected = [1e-3 * cosine_factor(s, 2 * 2, 2) for s in range(4)]     # 8 images / batch 4 = 2 steps an epoch, 2 epochs
+    assert _lrs(runs[None]) == pytest.approx(expected, rel=1e-9)
+    assert _lrs(runs[2]) == pytest.approx(expected, rel=1e-9)
+    assert not math.isclose(expected[3], expected[2])                    # the cosine did move between the steps
