@@ -6,23 +6,35 @@
 from __future__ import annotations
 import os, sys
 
-THREAD_DEFAULTS = {'OMP_WAIT_POLICY': 'PASSIVE'}   # OpenMP threads sleep while they wait instead of spinning
+THREAD_DEFAULTS = {'OMP_WAIT_POLICY': 'PASSIVE'}   # busy machine: OpenMP threads sleep while they wait
+QUIET_THREADS = {'GOMP_SPINCOUNT': '10000'}        # a core to spare: spin briefly, then sleep
 _USER_CHOICES = ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')
 
+def machine_busy(load: float|None=None, # 1-minute load average; default: the machine's now
+                 cores: int|None=None,  # default: os.cpu_count()
+                ) -> bool:
+    "As many runnable jobs as cores, or nearly (load >= cores - 1/2); True where the load cannot be read."
+    try: load = os.getloadavg()[0] if load is None else load
+    except (OSError, AttributeError): return True
+    return load >= (cores or os.cpu_count() or 1) - 0.5
+
 def configure_threads(environ: dict|None=None, # the environment to complete; default os.environ
+                      busy: bool|None=None,    # default: machine_busy()
                      ) -> dict[str, str]: # the variables it set ({} where the user had chosen)
-    "Choose a sound OpenMP wait policy before torch starts, unless the user chose one. OpenMP reads it at import."
+    "Choose an OpenMP wait policy for the machine as torch starts, unless the user chose one. OpenMP reads it at import."
     environ = os.environ if environ is None else environ
     if any(k in environ for k in _USER_CHOICES): return {}
-    environ.update(THREAD_DEFAULTS)
-    return dict(THREAD_DEFAULTS)
+    chosen = THREAD_DEFAULTS if (machine_busy() if busy is None else busy) else QUIET_THREADS
+    environ.update(chosen)
+    return dict(chosen)
 
-if 'torch' not in sys.modules: configure_threads()   # the library imported before torch: choose now
+THREADS_CHOSEN = configure_threads() if 'torch' not in sys.modules else {}   # imported before torch: chosen now
 
 # %% auto #0
-__all__ = ['THREAD_DEFAULTS', 'CACHE_ENV', 'COURSE_PHOTOS', 'configure_threads', 'shared_dir', 'cache_dir', 'course_photos_dir',
-           'sample_complete', 'coco_sample_dir', 'load_official_fixture', 'official_fixture_or_none', 'atomic_save',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'set_seed', 'clones']
+__all__ = ['THREAD_DEFAULTS', 'QUIET_THREADS', 'THREADS_CHOSEN', 'CACHE_ENV', 'COURSE_PHOTOS', 'machine_busy',
+           'configure_threads', 'shared_dir', 'cache_dir', 'course_photos_dir', 'sample_complete', 'coco_sample_dir',
+           'load_official_fixture', 'official_fixture_or_none', 'atomic_save', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'set_seed', 'clones']
 
 # %% ../nbs/01_core.ipynb #04ae2a24
 import copy, json, os, random, tempfile
