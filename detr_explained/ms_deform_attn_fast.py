@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from fastcore.basics import patch
-from .ms_deform_attn import ms_deform_attn_core_reference, register_fast_core
+from .ms_deform_attn import register_fast_core
 
 # %% auto #0
 __all__ = ['FAST_KERNELS', 'DENSE_POINTS', 'LevelCanvas', 'MSDeformAttnCanvas', 'MSDeformAttnGather', 'ms_deform_attn_core_fast',
