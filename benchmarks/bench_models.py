@@ -3,7 +3,7 @@
 For every family, in one run: inference (eval, no_grad, one image) and a training step (forward, the family's
 matcher + losses, backward; batch 2) of three models holding the same random weights:
 - ours: the library as it runs by default (fused attention, deformable sampling kernels, channels-last backbone);
-- reference: the same model switched to the official algorithm everywhere (`use_impl(model, 'reference')`:
+- reference: the same model switched to the official algorithm everywhere (`set_fast_paths(model, 'reference')`:
   nn.MultiheadAttention asked for its weights as the official code does, `ms_deform_attn_core_pytorch`'s grid_sample
   per level, NCHW convolutions);
 - transformers: the model written with `detr_explained.hf.to_hf` and loaded by transformers' `from_pretrained`
@@ -28,10 +28,8 @@ from detr_explained.core import atomic_write_text, configure_threads  # noqa: F4
 import torch
 
 from detr_explained import official  # noqa: F401  (fills the family registry)
-from detr_explained.backbone import Backbone
 from detr_explained.family import get_family, family_names
-from detr_explained.ms_deform_attn import set_ms_deform_attn_impl
-from detr_explained.transformer import set_attention_impl
+from detr_explained.ms_deform_attn_fast import set_fast_paths
 
 RESULTS = Path(__file__).resolve().parent / 'RESULTS.md'
 SECTION = '## Whole models'
@@ -39,12 +37,6 @@ FAMILIES = ('detr', 'deformable_detr', 'dab_detr', 'dab_deformable_detr')
 HF_FAMILIES = ('detr', 'deformable_detr', 'dab_detr')
 
 
-def use_impl(model: torch.nn.Module, impl: str) -> torch.nn.Module:
-    "Every fast path of `model` on (impl='fast') or the reference path (impl='reference')."
-    set_attention_impl(model, impl); set_ms_deform_attn_impl(model, impl)
-    for m in model.modules():
-        if isinstance(m, Backbone): m.channels_last = impl == 'fast'
-    return model
 
 
 def config(family: str, backbone: str):
@@ -67,7 +59,7 @@ class Ours:
     def __init__(self, family, cfg, impl, amp=None, compile=False):
         fam = get_family(family)
         torch.manual_seed(0)
-        self.model, self.criterion = use_impl(fam.build_model(cfg), impl), fam.build_criterion(cfg)
+        self.model, self.criterion = set_fast_paths(fam.build_model(cfg), impl), fam.build_criterion(cfg)
         self.amp, self.forward = amp, self.model
         if compile: self.forward = torch.compile(self.model)
 
@@ -255,7 +247,7 @@ def header(args, cmd, started, load0, load1) -> str:
             f"forward + matcher + losses + backward, no optimiser) of each family at its official architecture (6 + 6 layers, "
             f"d_model 256, official queries and FFN width) on a {args.backbone} backbone, random weights, float32. `ours`: the "
             "library's default fast paths; `reference`: the same model switched to the official algorithm "
-            "(`use_impl(model, 'reference')`); `transformers`: the same weights written by `hf.to_hf` and loaded by "
+            "(`set_fast_paths(model, 'reference')`); `transformers`: the same weights written by `hf.to_hf` and loaded by "
             "transformers (its own matcher and loss). Outputs checked equal first (last column). Timings interleaved, "
             f"median of {args.repeats}. Peak memory: largest growth of the resident set (polled every 0.5 ms) during the "
             "call, in a fresh process per path (its first inference, then its first training step).\n\n"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import config, inputs, use_impl, loadavg  # noqa: E402
+from bench_models import config, inputs, loadavg  # noqa: E402
+from detr_explained.ms_deform_attn_fast import set_fast_paths  # noqa: E402
 from detr_explained.family import get_family  # noqa: E402
 
 PARTS = ('backbone', 'transformer.encoder', 'transformer.decoder')
@@ -84,10 +85,10 @@ def main(argv=None):
         x1, m1, _ = inputs(1, args.size); x2, m2, t2 = inputs(args.batch, args.size)
         res = {}
         for impl in ('fast', 'reference'):
-            use_impl(model, impl); profile_step(model, criterion, x2, m2, t2)           # warm-up
+            set_fast_paths(model, impl); profile_step(model, criterion, x2, m2, t2)           # warm-up
         for _ in range(args.repeats):
             for impl in ('fast', 'reference'):
-                use_impl(model, impl)
+                set_fast_paths(model, impl)
                 res.setdefault((impl, 'train'), []).append(profile_step(model, criterion, x2, m2, t2))
                 res.setdefault((impl, 'infer'), []).append(profile_step(model, criterion, x1, m1, None, train=False))
         print(f'\n### {fam.title} (process CPU ms, median of {args.repeats}; load average {loadavg()})\n')
@@ -101,7 +102,7 @@ def main(argv=None):
             print()
         if args.ops:
             from torch.profiler import profile, ProfilerActivity
-            use_impl(model, 'fast')
+            set_fast_paths(model, 'fast')
             with profile(activities=[ProfilerActivity.CPU]) as p: profile_step(model, criterion, x2, m2, t2)
             print(p.key_averages().table(sort_by='self_cpu_time_total', row_limit=15))
 

@@ -14,7 +14,7 @@ from .ms_deform_attn import register_fast_core
 
 # %% auto #0
 __all__ = ['FAST_KERNELS', 'DENSE_POINTS', 'LevelCanvas', 'MSDeformAttnCanvas', 'MSDeformAttnGather', 'ms_deform_attn_core_fast',
-           'fast_core_applies']
+           'fast_core_applies', 'set_fast_paths']
 
 # %% ../nbs/10a_ms_deform_attn_fast.ipynb #2884834e
 def _pixel_coords(loc: Tensor, # (B, Q, M, L, P, 2) normalised (x, y)
@@ -273,3 +273,15 @@ def fast_core_applies(value: Tensor, # (B, S, M, D)
 
 register_fast_core(ms_deform_attn_core_fast, fast_core_applies)   # importing this module makes 'fast' the fast core
 
+
+# %% ../nbs/10a_ms_deform_attn_fast.ipynb #fastall1
+from .backbone import Backbone
+from .transformer import set_attention_impl
+from .ms_deform_attn import set_ms_deform_attn_impl
+
+def set_fast_paths(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    "Every fast path of `model` on (impl='fast') or the reference path everywhere (impl='reference')."
+    set_attention_impl(model, impl); set_ms_deform_attn_impl(model, impl)
+    for m in model.modules():
+        if isinstance(m, Backbone): m.channels_last = impl == 'fast'
+    return model

@@ -2,7 +2,7 @@
 
 Fast paths (all on by default): fused attention in DETR's layers (`transformer.set_attention_impl`, also the
 DAB-DETR encoder), the deformable sampling kernels (`ms_deform_attn.set_ms_deform_attn_impl`) and the
-channels-last backbone (`backbone.Backbone.channels_last`). `use_impl(model, 'reference')` switches a model to the
+channels-last backbone (`backbone.Backbone.channels_last`). `set_fast_paths(model, 'reference')` switches a model to the
 official algorithm everywhere; outputs, losses and every parameter gradient must agree with the fast path.
 """
 from __future__ import annotations
@@ -10,21 +10,14 @@ import pytest
 import torch
 
 from detr_explained import official  # noqa: F401  (fills the family registry)
-from detr_explained.backbone import Backbone
 from detr_explained.family import get_family, family_names
-from detr_explained.ms_deform_attn import set_ms_deform_attn_impl
 from detr_explained.transformer import set_attention_impl
+from detr_explained.ms_deform_attn_fast import set_fast_paths
 
 SMALL = dict(backbone='resnet18', hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
              num_queries=12, num_classes=7, dropout=0.0)
 
 
-def use_impl(model: torch.nn.Module, impl: str) -> torch.nn.Module:
-    "Every fast path of `model` on (impl='fast') or the reference path (impl='reference')."
-    set_attention_impl(model, impl); set_ms_deform_attn_impl(model, impl)
-    for m in model.modules():
-        if isinstance(m, Backbone): m.channels_last = impl == 'fast'
-    return model
 
 
 def small_model(family: str, **changes):
@@ -45,7 +38,7 @@ def batch():
 
 def step(model, criterion, impl):
     "Loss and gradients of one training step (dropout 0: deterministic) on the chosen path."
-    use_impl(model, impl).train(); model.zero_grad()
+    set_fast_paths(model, impl).train(); model.zero_grad()
     x, mask, targets = batch()
     losses = criterion(model(x, mask), targets)
     loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
@@ -59,8 +52,8 @@ def test_inference_fast_equals_reference(family):
     model, _ = small_model(family)
     x, mask, _ = batch()
     with torch.no_grad():
-        ref = use_impl(model, 'reference').eval()(x, mask)
-        fast = use_impl(model, 'fast')(x, mask)
+        ref = set_fast_paths(model, 'reference').eval()(x, mask)
+        fast = set_fast_paths(model, 'fast')(x, mask)
     for k in ('pred_logits', 'pred_boxes'):
         torch.testing.assert_close(fast[k], ref[k], rtol=1e-4, atol=1e-5)
     for a, b in zip(fast['aux_outputs'], ref['aux_outputs']):
@@ -82,10 +75,10 @@ def test_training_step_fast_equals_reference(family):
 
 def test_the_switch_reaches_every_layer():
     model, _ = small_model('detr')
-    use_impl(model, 'reference')
+    set_fast_paths(model, 'reference')
     impls = {m.impl for m in model.modules() if hasattr(m, 'impl')}
     assert impls == {'reference'} and not model.backbone[0].channels_last
-    use_impl(model, 'fast')
+    set_fast_paths(model, 'fast')
     assert {m.impl for m in model.modules() if hasattr(m, 'impl')} == {'fast'} and model.backbone[0].channels_last
     with pytest.raises(ValueError, match='impl must be one of'): set_attention_impl(model, 'flash')
 
@@ -99,9 +92,9 @@ def test_fast_path_does_not_ask_for_attention_weights():
                if isinstance(m, torch.nn.MultiheadAttention)]
     x, mask, _ = batch()
     with torch.no_grad():
-        use_impl(model, 'fast').eval()(x, mask)
+        set_fast_paths(model, 'fast').eval()(x, mask)
         fast, seen[:] = list(seen), []
-        use_impl(model, 'reference')(x, mask)
+        set_fast_paths(model, 'reference')(x, mask)
     for h in handles: h.remove()
     assert fast and all(s == (False, True) for s in fast)
     assert seen and all(s == (True, False) for s in seen)
