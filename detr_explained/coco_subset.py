@@ -207,6 +207,13 @@ def add_coco_subset_args(parser:argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument('--no-progress', action='store_true')
     return parser
 
+# %% ../nbs/31_coco_subset.ipynb #onelin01
+def _one_line_main(prog: str, description: str, add_args, run, argv: list[str]|None) -> int:
+    "Parse `argv` with `add_args` on a one-line parser and `run` the namespace; usage errors return 2 (or 0 for --help)."
+    try: ns = add_args(_OneLineParser(prog=prog, description=description)).parse_args(argv)
+    except SystemExit as e: return e.code
+    return run(ns)
+
 # %% ../nbs/31_coco_subset.ipynb #513b6f28
 def run_coco_subset(ns:argparse.Namespace) -> int:
     "Run `detr-explained coco-subset` with parsed arguments: 0 done, 1 some downloads failed (run again), 2 a bad input."
@@ -226,10 +233,8 @@ def run_coco_subset(ns:argparse.Namespace) -> int:
 
 def main_coco_subset(argv:list[str]|None=None) -> int:
     "`detr-explained coco-subset ...` as a function; returns the exit status (usage errors: 2, in one line)."
-    parser = _OneLineParser(prog='detr-explained coco-subset', description='Build a COCO subset from the official sources.')
-    try: ns = add_coco_subset_args(parser).parse_args(argv)
-    except SystemExit as e: return e.code
-    return run_coco_subset(ns)
+    return _one_line_main('detr-explained coco-subset', 'Build a COCO subset from the official sources.',
+                          add_coco_subset_args, run_coco_subset, argv)
 
 # %% ../nbs/31_coco_subset.ipynb #cphot002
 COURSE_PHOTO_IDS = (5001, 10764, 20992, 25603, 25986, 30213, 47112, 51712, 55299, 56344, 60932, 64523, 104455, 119828,
@@ -297,7 +302,5 @@ def run_course_photos(ns:argparse.Namespace) -> int:
 
 def main_course_photos(argv:list[str]|None=None) -> int:
     "`detr-explained course-photos ...` as a function; returns the exit status (usage errors: 2, in one line)."
-    parser = _OneLineParser(prog='detr-explained course-photos', description="Fetch the course's 32 COCO photos into the user cache, once.")
-    try: ns = add_course_photos_args(parser).parse_args(argv)
-    except SystemExit as e: return e.code
-    return run_course_photos(ns)
+    return _one_line_main('detr-explained course-photos', "Fetch the course's 32 COCO photos into the user cache, once.",
+                          add_course_photos_args, run_course_photos, argv)
